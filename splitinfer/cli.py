@@ -1,0 +1,237 @@
+"""``splitinfer``: one console command with a subcommand per job (``splitinfer <subcommand> --help``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+DEFAULT_DATA_HINT = "an ImageFolder tree, e.g. ../shared/datasets/cifar10/train"
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from models.train import TrainConfig, train_backbone, train_split
+
+    cfg = TrainConfig(arch=args.arch, data=args.data, out=args.out, epochs=args.epochs, batch_size=args.batch_size,
+                      lr=args.lr, seed=args.seed, threads=args.threads, limit=args.limit, val_data=args.val_data,
+                      prior=None if args.prior == "none" else args.prior, beta=args.beta, teacher=args.teacher,
+                      distill_epochs=args.fit_prior_epochs,
+                      extra={"init": args.init, "val_limit": args.val_limit})
+    manifest = train_backbone(cfg) if cfg.prior is None else train_split(cfg)
+    summary = {k: manifest[k] for k in ("kind", "arch", "prior", "beta", "accuracy", "bytes_real_mean",
+                                         "bytes_estimated_mean", "fingerprint") if k in manifest}
+    print(json.dumps({"checkpoint": args.out, **summary}, indent=2))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from models.data import load_image_folder
+    from models.evaluate import evaluate_split, load_split_model
+
+    model, man = load_split_model(args.checkpoint)
+    data = load_image_folder(args.data, model.spec.input_size, args.limit, per_class=args.limit is not None)
+    res = evaluate_split(model, data, progress=not args.json)
+    res = {"checkpoint": args.checkpoint, "arch": man["arch"], "prior": man["prior"], "beta": man["beta"],
+           "data": args.data, **res}
+    if args.json:
+        print(json.dumps(res))
+    else:
+        _print_table([(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in res.items()], ("metric", "value"))
+    return 0
+
+
+def _cmd_models_list(args: argparse.Namespace) -> int:
+    from models.checkpoint import bundled_names, read_checkpoint
+
+    rows = []
+    for name in bundled_names():
+        man = read_checkpoint(name)["manifest"]
+        rows.append({"name": name, **{k: man.get(k) for k in ("kind", "arch", "prior", "beta", "accuracy",
+                                                              "bytes_real_mean", "fingerprint")}})
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        _print_table([(r["name"], r["arch"], r["prior"], str(r["beta"]), f"{r['accuracy']:.4f}",
+                       f"{r['bytes_real_mean']:.1f}") for r in rows],
+                     ("name", "arch", "prior", "beta", "accuracy", "bytes/image"))
+    return 0
+
+
+def _cmd_models_refresh(args: argparse.Namespace) -> int:
+    from models.checkpoint import read_checkpoint
+    from models.evaluate import load_with_tables, measure_and_save
+    from models.split import SplitModel
+
+    ck = read_checkpoint(args.checkpoint)
+    man = ck["manifest"]
+    model = SplitModel(man["arch"], man["prior"], len(man["classes"]))
+    load_with_tables(model, ck["state_dict"])
+    out = args.out or ck["path"]
+    man = measure_and_save(model, man, out, args.val_data, args.val_limit)
+    print(json.dumps({k: man.get(k) for k in ("fingerprint", "accuracy", "bytes_real_mean", "bytes_estimated_mean",
+                                               "jpeg_bytes_mean", "val_images")}, indent=2))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from models.export import export_bundle
+
+    info = export_bundle(args.checkpoint, args.out)
+    print(json.dumps({k: info[k] for k in ("model_id", "fingerprint", "arch", "prior", "latent_shape",
+                                           "hyper_shape")} | {"bundle": args.out}, indent=2))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from server.service import ServerConfig, serve_forever
+
+    serve_forever(ServerConfig(checkpoint=args.checkpoint, host=args.host, port=args.port, device=args.device,
+                               max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
+                               decode_workers=args.decode_workers, max_message_bytes=args.max_message_bytes,
+                               torch_threads=args.threads))
+    return 0
+
+
+def _cmd_edge(args: argparse.Namespace) -> int:
+    """Torch-free: onnxruntime head, numpy codec, gRPC."""
+    from edge_client.client import EdgeClient
+    from edge_client.runtime import EdgeEncoder
+    from splitinfer.images import collect_images, read_image
+
+    encoder = EdgeEncoder(args.bundle)
+    files = collect_images(args.images)[: args.limit]
+    client = EdgeClient(args.server, encoder.bundle, timeout=args.timeout, client_id=args.client_id)
+    rows = []
+    for f in files:
+        image = read_image(f, encoder.input_size)[None]
+        t0 = time.perf_counter()
+        enc = encoder.encode(image)[0]
+        edge_ms = (time.perf_counter() - t0) * 1000
+        req = client.request(enc, tag=args.tag)
+        reply = client.send(req)
+        best = reply.top_k[0]
+        rows.append({"image": str(f), "class": best.name, "label": best.label, "probability": best.probability,
+                     "payload_bytes": len(enc.data), "message_bytes": req.ByteSize(), "edge_ms": edge_ms,
+                     "server_ms": reply.server_ms, "rtt_ms": (time.perf_counter() - t0) * 1000 - edge_ms})
+    client.close()
+    if args.json:
+        print(json.dumps({"server": args.server, "model_id": encoder.bundle.info["model_id"],
+                          "providers": encoder.providers, "images": rows}))
+    else:
+        _print_table([(Path(r["image"]).name, r["class"], f"{r['probability']:.3f}", str(r["payload_bytes"]),
+                       str(r["message_bytes"]), f"{r['edge_ms']:.1f}", f"{r['server_ms']:.1f}") for r in rows],
+                     ("image", "class", "p", "payload B", "message B", "edge ms", "server ms"))
+    return 0
+
+
+def _print_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*header)
+    for r in rows:
+        table.add_row(*r)
+    Console().print(table)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="splitinfer", description="Entropy-coded split inference: train, evaluate, "
+                                "serve and attack split DNNs, measured in real bytes.")
+    sub = p.add_subparsers(dest="command", metavar="<subcommand>", required=True)
+
+    t = sub.add_parser("train", help="train a backbone (--prior none) or a split model (--prior fp|mshp)",
+                       description="Train a teacher backbone or a split model; resumable: rerun the same command "
+                       "after an interruption.")
+    t.add_argument("--arch", required=True, help="family: resnet, resnet_shallow, regnet (CIFAR scale) or "
+                   "resnet50, resnet101, regnety_6_4gf (paper scale)")
+    t.add_argument("--prior", choices=["fp", "mshp", "none"], required=True, help="entropy model; none = backbone")
+    t.add_argument("--beta", type=float, default=None, help="rate weight: loss = CE + beta * bits-per-pixel")
+    t.add_argument("--data", required=True, help=DEFAULT_DATA_HINT)
+    t.add_argument("--out", required=True, help="checkpoint path to write (manifest beside it as .json)")
+    t.add_argument("--epochs", type=int, default=10, help="end-to-end epochs (default 10)")
+    t.add_argument("--fit-prior-epochs", type=int, default=0,
+                   help="epochs fitting only the entropy model to the frozen encoder first (with --init)")
+    t.add_argument("--init", default=None, help="split checkpoint to start encoder/decoder/tail from")
+    t.add_argument("--teacher", default=None, help="backbone checkpoint: tail init + KD term")
+    t.add_argument("--batch-size", type=int, default=256)
+    t.add_argument("--lr", type=float, default=0.2, help="peak SGD learning rate of the tail (one-cycle)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--limit", type=int, default=None, help="use only the first N training images")
+    t.add_argument("--val-data", default=None, help="ImageFolder tree measured into the manifest after training")
+    t.add_argument("--val-limit", type=int, default=None, help="images of --val-data to measure (default all)")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="accuracy and real coded bytes of a split model",
+                       description="Code every image on its own, decode it, classify the decoded latent.")
+    e.add_argument("--checkpoint", required=True, help="bundled name (default-fp, default-mshp) or path")
+    e.add_argument("--data", required=True, help="ImageFolder tree, e.g. ../shared/datasets/cifar10/test")
+    e.add_argument("--limit", type=int, default=None, help="evaluate N images spread over the classes")
+    e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    e.set_defaults(func=_cmd_eval)
+
+    m = sub.add_parser("models", help="bundled checkpoints", description="Bundled checkpoints.")
+    msub = m.add_subparsers(dest="models_command", metavar="<action>", required=True)
+    ml = msub.add_parser("list", help="list bundled checkpoints", description="List bundled checkpoints.")
+    ml.add_argument("--json", action="store_true")
+    ml.set_defaults(func=_cmd_models_list)
+    mr = msub.add_parser("refresh", help="re-measure a checkpoint's manifest (fingerprint, accuracy, bytes)",
+                         description="Recompute the codec fingerprint and, with --val-data, accuracy and real bytes "
+                         "of a split checkpoint (e.g. after a codec change); rewrites it atomically.")
+    mr.add_argument("--checkpoint", required=True)
+    mr.add_argument("--val-data", default=None)
+    mr.add_argument("--val-limit", type=int, default=None)
+    mr.add_argument("--out", default=None, help="write here instead of over the checkpoint")
+    mr.set_defaults(func=_cmd_models_refresh)
+
+    x = sub.add_parser("export", help="write an edge bundle (head ONNX + codec tables + manifest)",
+                       description="Export what a torch-free edge needs: head.onnx, codec.npz, bundle.json.")
+    x.add_argument("--checkpoint", required=True, help="bundled name or path")
+    x.add_argument("--out", required=True, help="bundle directory")
+    x.set_defaults(func=_cmd_export)
+
+    sv = sub.add_parser("serve", help="run the gRPC server (decode + tail)",
+                        description="Serve a split checkpoint over gRPC: validate, decode, batch, run the tail.")
+    sv.add_argument("--checkpoint", default="default-mshp", help="bundled name or path (default default-mshp)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    sv.add_argument("--port", type=int, default=50051)
+    sv.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    sv.add_argument("--max-batch", type=int, default=32)
+    sv.add_argument("--max-delay-ms", type=float, default=5.0, help="longest wait for a batch to fill")
+    sv.add_argument("--decode-workers", type=int, default=2)
+    sv.add_argument("--max-message-bytes", type=int, default=1 << 20)
+    sv.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    sv.set_defaults(func=_cmd_serve)
+
+    ed = sub.add_parser("edge", help="run the edge client (no torch): head, encode, send",
+                        description="Run the head with onnxruntime, entropy-code, send to a server, print results.")
+    ed.add_argument("--bundle", required=True, help="edge bundle directory (splitinfer export)")
+    ed.add_argument("--server", required=True, help="HOST:PORT, or several comma-separated (round-robin)")
+    ed.add_argument("--images", required=True, nargs="+", help="image files and/or directories")
+    ed.add_argument("--limit", type=int, default=None, help="send at most N images")
+    ed.add_argument("--tag", default="clean", help="experiment tag sent with each request")
+    ed.add_argument("--client-id", default="", help="client id sent with each request")
+    ed.add_argument("--timeout", type=float, default=10.0, help="per-request deadline in seconds")
+    ed.add_argument("--json", action="store_true")
+    ed.set_defaults(func=_cmd_edge)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"splitinfer {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # e.g. the server serves another model than the bundle
+        print(f"splitinfer {args.command}: error: {exc}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
