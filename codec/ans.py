@@ -131,10 +131,22 @@ class LayerDecoder:
         words = np.frombuffer(data, dtype=np.uint32).copy()
         if words.size and words[-1] == 0:
             raise CodecError("stream does not end in a valid coder state")
-        self._coder = constriction.stream.stack.AnsCoder(words)
+        try:
+            self._coder = constriction.stream.stack.AnsCoder(words)
+        except Exception as exc:  # constriction reports malformed input as Python exceptions of several types
+            raise CodecError(f"malformed stream ({exc})") from exc
         self._cache: dict = {}
 
     def decode(self, indexes: np.ndarray, tables: CdfTables) -> np.ndarray:
+        """Decode one layer; any failure of the coder on malformed data surfaces as CodecError."""
+        try:
+            return self._decode(indexes, tables)
+        except CodecError:
+            raise
+        except Exception as exc:
+            raise CodecError(f"malformed stream ({type(exc).__name__}: {exc})") from exc
+
+    def _decode(self, indexes: np.ndarray, tables: CdfTables) -> np.ndarray:
         indexes = np.asarray(indexes).reshape(-1).astype(np.int64)
         out = np.empty(indexes.size, dtype=np.int64)
         for t, pos in _groups(indexes, tables.num_tables):

@@ -80,9 +80,14 @@ class CodecModel:
     def decode(self, data: bytes, index_checksum: int | None = None) -> np.ndarray:
         """Bytes -> dequantized latent y_hat [C,H,W] float32. For MSHP, when ``index_checksum`` is given, the
         recomputed scale indexes must match it (else :class:`IndexMismatchError`, nothing is decoded from them)."""
+        return self.decode_with_indexes(data, index_checksum)[0]
+
+    def decode_with_indexes(self, data: bytes, index_checksum: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`decode`, also returning the CDF-table index of every y symbol."""
         dec = LayerDecoder(data)
         if self.prior == "fp":
-            sym = dec.decode(self._channel_indexes(self.latent_shape), self.tables["y"]).reshape(self.latent_shape)
+            idx = self._channel_indexes(self.latent_shape)
+            sym = dec.decode(idx, self.tables["y"]).reshape(self.latent_shape)
             y_hat = sym + self.medians["y"].reshape(-1, 1, 1).astype(np.float64)
         else:
             assert self.hyper_shape is not None
@@ -94,7 +99,7 @@ class CodecModel:
             y_hat = dec.decode(idx, self.tables["y"]).reshape(self.latent_shape) + means
         if not dec.finished():
             raise CodecError("stream has trailing data after the last symbol")
-        return y_hat.astype(np.float32)
+        return y_hat.astype(np.float32), idx
 
     def dequantize(self, q: dict[str, np.ndarray]) -> np.ndarray:
         """What :meth:`decode` returns for the symbols of :meth:`quantize` (for lossless checks)."""

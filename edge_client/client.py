@@ -79,8 +79,10 @@ class EdgeClient:
     def infer(self, enc: Encoded, **kw: object) -> pb.InferReply:
         return self.send(self.request(enc, **kw))  # type: ignore[arg-type]
 
-    def infer_stream(self, requests: Iterable[pb.InferRequest]) -> Iterator[pb.InferReply]:
-        return self.stub.InferStream(iter(requests), timeout=self.timeout)
+    def infer_stream(self, requests: Iterable[pb.InferRequest], timeout: float | None = None
+                     ) -> Iterator[pb.InferReply]:
+        """One bidirectional call for many requests; ``timeout`` bounds the whole call (default: none)."""
+        return self.stub.InferStream(iter(requests), timeout=timeout)
 
     def close(self) -> None:
         self.channel.close()

@@ -48,6 +48,7 @@ class TrainConfig:
     beta: float | None = None
     teacher: str | None = None
     distill_epochs: int = 0
+    adam_lr: float = 2e-3  # peak Adam rate of the bottleneck (encoder, decoder, hyper networks) end to end
     extra: dict = field(default_factory=dict)
 
 
@@ -217,8 +218,9 @@ def train_split(cfg: TrainConfig) -> dict:
 
         ck = read_checkpoint(init)
         own = model.state_dict()
+        same_prior = ck["manifest"].get("prior") == cfg.prior  # then the entropy model carries over too
         shared = {k: v for k, v in ck["state_dict"].items()
-                  if not k.startswith("entropy.") and k in own and own[k].shape == v.shape}
+                  if (same_prior or not k.startswith("entropy.")) and k in own and own[k].shape == v.shape}
         model.load_state_dict(shared, strict=False)
         print(f"initialised {len(shared)} tensors from {ck['path']}")
     teacher: Backbone | None = None
@@ -265,7 +267,8 @@ def train_split(cfg: TrainConfig) -> dict:
         logs["acc"] = (out.logits.argmax(1) == y).float().mean().item()
         return loss, logs
 
-    opts, scheds = make_optimizers(cfg, tail, bottleneck, cfg.epochs, steps, density_params=density)
+    opts, scheds = make_optimizers(cfg, tail, bottleneck, cfg.epochs, steps, adam_lr=cfg.adam_lr,
+                                   density_params=density)
     run_epochs(cfg, data, step, [model], cfg.epochs, "split", model.train, opts, scheds)
     manifest = finalize_split_model(model, cfg, data.classes)
     _cleanup_resume(cfg, ["fit-prior", "split"])

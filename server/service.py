@@ -7,6 +7,7 @@ service and server reflection are registered beside the service.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import signal
 import threading
@@ -89,7 +90,9 @@ class SplitInferenceService:
         self.decoders = futures.ThreadPoolExecutor(cfg.decode_workers, thread_name_prefix="decode")
         self.batcher = Batcher(runner.run, cfg.max_batch, cfg.max_delay_ms)
         self.stream_pool = futures.ThreadPoolExecutor(max(cfg.stream_window, 4), thread_name_prefix="stream")
-        self._cache: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        # (client_id, request_id) -> (digest of the request bytes, serialized reply): retries are answered from
+        # here; the same id with other content is refused rather than silently answered with another reply
+        self._cache: OrderedDict[tuple[str, str], tuple[bytes, bytes]] = OrderedDict()
         self._cache_lock = threading.Lock()
         self.counts = {"ok": 0, "error": 0, "cached": 0}
 
@@ -98,13 +101,17 @@ class SplitInferenceService:
         t0 = time.perf_counter()
         req = parse_request(raw)
         key = (req.client_id, req.request_id)
+        digest = hashlib.blake2b(raw, digest_size=16).digest()
         if req.request_id:
             with self._cache_lock:
                 cached = self._cache.get(key)
             if cached is not None:
+                if cached[0] != digest:
+                    raise RequestError(grpc.StatusCode.ALREADY_EXISTS,
+                                       f"request_id {req.request_id[:40]!r} was already used for a different request")
                 self.counts["cached"] += 1
                 reply = pb.InferReply()
-                reply.ParseFromString(cached)
+                reply.ParseFromString(cached[1])
                 return reply
         validate(req, self.limits)
 
@@ -146,7 +153,7 @@ class SplitInferenceService:
             server_ms=(time.perf_counter() - t0) * 1000, stream_bytes=len(req.stream), batch_size=result.batch_size)
         if req.request_id:
             with self._cache_lock:
-                self._cache[key] = reply.SerializeToString()
+                self._cache[key] = (digest, reply.SerializeToString())
                 while len(self._cache) > self.cfg.idempotency_cache:
                     self._cache.popitem(last=False)
         return reply
@@ -162,8 +169,8 @@ class SplitInferenceService:
     # -------------------------------------------------------------------------------------- gRPC handlers
     @staticmethod
     def _deadline(context: grpc.ServicerContext) -> float | None:
-        left = context.time_remaining()
-        return None if left is None else time.monotonic() + left
+        left = context.time_remaining()  # a call without a deadline reports a huge number, not None
+        return None if left is None or left > 1e6 else time.monotonic() + left
 
     def infer(self, raw: bytes, context: grpc.ServicerContext) -> pb.InferReply:
         try:

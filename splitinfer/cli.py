@@ -18,7 +18,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(arch=args.arch, data=args.data, out=args.out, epochs=args.epochs, batch_size=args.batch_size,
                       lr=args.lr, seed=args.seed, threads=args.threads, limit=args.limit, val_data=args.val_data,
                       prior=None if args.prior == "none" else args.prior, beta=args.beta, teacher=args.teacher,
-                      distill_epochs=args.fit_prior_epochs,
+                      distill_epochs=args.fit_prior_epochs, adam_lr=args.adam_lr,
                       extra={"init": args.init, "val_limit": args.val_limit})
     manifest = train_backbone(cfg) if cfg.prior is None else train_split(cfg)
     summary = {k: manifest[k] for k in ("kind", "arch", "prior", "beta", "accuracy", "bytes_real_mean",
@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--teacher", default=None, help="backbone checkpoint: tail init + KD term")
     t.add_argument("--batch-size", type=int, default=256)
     t.add_argument("--lr", type=float, default=0.2, help="peak SGD learning rate of the tail (one-cycle)")
+    t.add_argument("--adam-lr", type=float, default=2e-3,
+                   help="peak Adam learning rate of encoder/decoder/hyper networks (one-cycle)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--limit", type=int, default=None, help="use only the first N training images")

@@ -40,10 +40,11 @@ def test_bundled_defaults_exist_with_manifests() -> None:
     for name, prior in (("default-fp", "fp"), ("default-mshp", "mshp")):
         man = read_checkpoint(name)["manifest"]
         assert (man["kind"], man["arch"], man["prior"]) == ("split", "resnet", prior)
+        assert man["accuracy"] >= 0.85 and man["val_images"] == 5000
         for key in ("beta", "dataset", "epochs", "accuracy", "bytes_real_mean", "fingerprint", "train_config"):
             assert key in man, key
         model, _ = load_split_model(name)  # rebuilt tables must match the manifest's fingerprint
-        assert model.entropy.fingerprint() == man["fingerprint"]
+        assert model.codec_model().fingerprint == man["fingerprint"]
 
 
 def test_models_list_json(capsys: pytest.CaptureFixture[str]) -> None:
@@ -101,9 +102,11 @@ def test_bundled_models_on_real_cifar(name: str, cifar_test: Path, capsys: pytes
     assert code == 0
     res = json.loads(out)
     assert res["images"] == 200
-    assert res["accuracy"] >= 0.75  # 200 images: the full-test figure (>= 0.85) is in the manifest and README
+    # 200 images: looser bounds than the full-test figures (accuracy >= 0.85, real/estimated within
+    # [0.98, 1.06]), which the manifest records and the README reports
+    assert res["accuracy"] >= 0.75
     assert res["bytes_real_mean"] <= 0.5 * res["jpeg_bytes_mean"]
-    assert 0.98 <= res["bytes_real_mean"] / res["bytes_estimated_mean"] <= 1.06
+    assert 0.95 <= res["bytes_real_mean"] / res["bytes_estimated_mean"] <= 1.08
 
 
 def test_train_fp_then_mshp_from_it_and_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,14 +32,24 @@ def test_cifar_family_trains_one_step_and_codes_losslessly(arch: str, prior: str
 
     model.eval()
     model.entropy.update()
+    _assert_codes_losslessly(model, x[:2])
+
+
+def _assert_codes_losslessly(model: SplitModel, x: torch.Tensor) -> None:
+    """Every image codes to bytes and decodes to exactly the symbols coded, and to (nearly, for MSHP's fixed-point
+    means) the latent the model itself computes."""
+    codec = model.codec_model()
     with torch.no_grad():
-        y = model.encode_latent(x[:2])
-        reference = model.entropy(y).y_hat
-        for j in range(2):
-            data = model.entropy.encode(y[j:j + 1])
-            assert len(data) > 0
-            y_hat = model.entropy.decode(data, tuple(y[j:j + 1].shape))
-            assert torch.allclose(y_hat, reference[j:j + 1], atol=1e-5)
+        y = model.encode_latent(x)
+        z = model.entropy.side_latent(y)
+        reference = model.entropy(y).y_hat.numpy()
+    for j in range(len(x)):
+        enc = codec.encode(y[j].numpy(), None if z is None else z[j].numpy())
+        assert len(enc.data) > 0
+        y_hat = codec.decode(enc.data, enc.index_checksum)
+        assert np.array_equal(y_hat, codec.dequantize(enc.symbols))
+        close = np.abs(y_hat - reference[j]) < (1e-5 if model.prior == "fp" else 0.05)
+        assert close.mean() > 0.99
 
 
 @pytest.mark.parametrize("arch", PAPER_FAMILIES)
@@ -54,10 +65,7 @@ def test_paper_scale_forward_backward_and_coding(arch: str) -> None:
     (out.logits.sum() + bits_per_pixel(out.likelihoods, 224 * 224)).backward()
     model.eval()
     model.entropy.update()
-    with torch.no_grad():
-        y = model.encode_latent(x)
-        y_hat = model.entropy.decode(model.entropy.encode(y), tuple(y.shape))
-        assert torch.allclose(y_hat, model.entropy(y).y_hat, atol=1e-5)
+    _assert_codes_losslessly(model, x)
 
 
 @pytest.mark.parametrize("arch", PAPER_FAMILIES)
@@ -78,8 +86,9 @@ def test_unknown_arch_and_prior_are_named() -> None:
 def test_fingerprint_changes_with_tables() -> None:
     a = SplitModel("resnet", "fp")
     a.entropy.update()
-    fp1 = a.entropy.fingerprint()
+    fp1 = a.codec_model().fingerprint
+    assert a.codec_model().fingerprint == fp1
     with torch.no_grad():
         a.entropy.bottleneck.matrices[0].add_(0.5)
     a.entropy.update()
-    assert a.entropy.fingerprint() != fp1
+    assert a.codec_model().fingerprint != fp1

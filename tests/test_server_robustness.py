@@ -26,7 +26,8 @@ def valid(bundles: dict, servers: dict) -> tuple[pb.InferRequest, grpc.Channel, 
     encoder = EdgeEncoder(bundles["mshp"])
     client = EdgeClient(f"127.0.0.1:{servers['mshp'].port}", encoder.bundle, retries=0)
     images, _ = eval_images(1)
-    req = client.request(encoder.encode(images)[0], request_id="")
+    req = client.request(encoder.encode(images)[0])
+    req.request_id = ""  # no idempotency cache: every mutated copy below must be validated on its own
     channel = grpc.insecure_channel(f"127.0.0.1:{servers['mshp'].port}",
                                     options=[("grpc.max_send_message_length", 8 << 20)])
     return req, channel, client
@@ -73,6 +74,7 @@ BAD = {
                                {C.DATA_LOSS}, "index_checksum"),
     "top_k above classes": (_set("top_k", 11), {C.INVALID_ARGUMENT}, "top_k"),
     "tag too long": (_set("tag", "x" * 500), {C.INVALID_ARGUMENT}, "tag"),
+    "request id reused for other content": (_set("request_id", "used-once"), {C.ALREADY_EXISTS}, "already used"),
     "not a protobuf": (lambda r: b"\xff\xff\xff\xff\x0f garbage", {C.INVALID_ARGUMENT}, "not a valid InferRequest"),
 }
 
@@ -82,13 +84,18 @@ def test_bad_input_gets_its_status(kind: str, valid: tuple) -> None:
     req, channel, _ = valid
     make, codes, pattern = BAD[kind]
     call = channel.unary_unary(INFER, request_serializer=None, response_deserializer=pb.InferReply.FromString)
+    if kind == "request id reused for other content":
+        first = pb.InferRequest()
+        first.CopyFrom(req)
+        first.request_id, first.tag = "used-once", "first"
+        call(first.SerializeToString(), timeout=60)
     with pytest.raises(grpc.RpcError) as err:
-        call(make(req), timeout=10)
+        call(make(req), timeout=60)
     assert err.value.code() in codes, (kind, err.value.code(), err.value.details())
     import re
 
     assert re.search(pattern, err.value.details() or ""), err.value.details()
-    assert call(req.SerializeToString(), timeout=10).top_k  # and the server keeps serving
+    assert call(req.SerializeToString(), timeout=60).top_k  # and the server keeps serving
 
 
 def test_expired_deadline_is_deadline_exceeded(valid: tuple) -> None:
@@ -158,14 +165,14 @@ def test_fuzz_10000_mutated_messages(valid: tuple, servers: dict) -> None:
         for _ in range(5):  # some unary calls too: each must end with a reply or a status, never hang
             sent += 1
             try:
-                unary(_mutate(raw, rng), timeout=10)
+                unary(_mutate(raw, rng), timeout=60)
             except grpc.RpcError as exc:
                 assert exc.code() != C.UNKNOWN
             answered += 1
         if round_ == 1:
             rss_after_warmup = _rss_mb()
     assert sent >= 10000 and answered == sent
-    assert unary(raw, timeout=10).top_k  # still serving
+    assert unary(raw, timeout=60).top_k  # still serving
     assert _rss_mb() - rss_after_warmup < 100, "memory grew by >100 MB over 9,000 fuzzed messages"
     assert threading.active_count() <= threads_before + 40
     assert servers["mshp"].service.counts["error"] > 0

@@ -25,9 +25,9 @@ from .conftest import ROOT, eval_images
 def test_wire_predictions_equal_in_process(prior: str, bundles: dict, servers: dict) -> None:
     images, _ = eval_images(200)
     encoder = EdgeEncoder(bundles[prior])
-    client = EdgeClient(f"127.0.0.1:{servers[prior].port}", encoder.bundle)
+    client = EdgeClient(f"127.0.0.1:{servers[prior].port}", encoder.bundle, timeout=120)
     encoded = encoder.encode(images)
-    replies = list(client.infer_stream(client.request(e) for e in encoded))
+    replies = list(client.infer_stream((client.request(e) for e in encoded), timeout=900))
     assert all(r.error_code == 0 for r in replies)
     wire = np.array([r.top_k[0].label for r in replies])
     assert max(r.batch_size for r in replies) > 1  # the stream's requests shared tail batches
@@ -73,11 +73,15 @@ def test_idempotent_retry_returns_the_same_reply(servers: dict, bundles: dict) -
     client = EdgeClient(f"127.0.0.1:{servers['fp'].port}", encoder.bundle)
     images, _ = eval_images(2)
     enc = encoder.encode(images)
-    first = client.send(client.request(enc[0], request_id="retry-1"))
+    req = client.request(enc[0], request_id="retry-1")
+    first = client.send(req)
     before = servers["fp"].service.counts["cached"]
-    again = client.send(client.request(enc[1], request_id="retry-1"))  # same id: answered from the cache
+    again = client.send(req)  # a retry of the same request: answered from the cache, not recomputed
     assert again == first
     assert servers["fp"].service.counts["cached"] == before + 1
+    with pytest.raises(grpc.RpcError) as err:  # the same id for another image is refused, not mis-answered
+        client.send(client.request(enc[1], request_id="retry-1"))
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
 
 
 def test_edge_runs_without_torch(servers: dict, bundles: dict, tmp_path: Path) -> None:
