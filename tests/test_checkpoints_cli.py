@@ -130,22 +130,22 @@ def test_train_fp_then_mshp_from_it_and_eval(tmp_path: Path, capsys: pytest.Capt
 
 
 def test_interrupted_training_resumes(tmp_path: Path) -> None:
-    data = make_image_tree(tmp_path / "train", classes=2, per_class=32)
+    data = make_image_tree(tmp_path / "train", classes=2, per_class=64)  # 32 steps/epoch: seconds, not ms
     out = tmp_path / "ck.pt"
     cmd = [sys.executable, "-m", "splitinfer.cli", "train", "--arch", "resnet_shallow", "--prior", "fp",
-           "--beta", "0.08", "--data", str(data), "--batch-size", "8", "--epochs", "3", "--out", str(out)]
+           "--beta", "0.08", "--data", str(data), "--batch-size", "4", "--epochs", "4", "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     resume = tmp_path / "ck.split.resume.pt"
     deadline = time.time() + 300
     while not resume.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert resume.exists() and not out.exists()
     done = torch.load(resume, weights_only=False)["epoch"]
-    assert 1 <= done < 3
+    assert 1 <= done < 4
     rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"resuming split from epoch {done}" in rerun.stdout
     assert out.exists() and not resume.exists()
-    assert read_checkpoint(out)["manifest"]["epochs"] == 3
+    assert read_checkpoint(out)["manifest"]["epochs"] == 4
