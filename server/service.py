@@ -101,7 +101,7 @@ class SplitInferenceService:
         t0 = time.perf_counter()
         req = parse_request(raw)
         key = (req.client_id, req.request_id)
-        digest = hashlib.blake2b(raw, digest_size=16).digest()
+        digest = hashlib.blake2b(raw, digest_size=16).digest() if req.request_id else b""
         if req.request_id:
             with self._cache_lock:
                 cached = self._cache.get(key)
