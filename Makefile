@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint bench clean-venv
+.PHONY: test lint bench clean-venv proto demo
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -24,3 +24,9 @@ bench: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+proto: $(STAMP)
+	$(VENV)/bin/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. proto/splitinfer.proto
+
+demo: $(STAMP)
+	$(VENV)/bin/splitinfer demo

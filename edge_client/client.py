@@ -55,13 +55,14 @@ class EdgeClient:
         self.info = info
         return info
 
-    def request(self, enc: Encoded, request_id: str | None = None, tag: str = "", top_k: int = 0
-                ) -> pb.InferRequest:
+    def request(self, enc: Encoded, request_id: str | None = None, tag: str = "", top_k: int = 0,
+                label: int | None = None) -> pb.InferRequest:
+        """``tag`` and ``label`` are optional experiment metadata (the monitor groups and scores by them)."""
         info = self.bundle.info
         return pb.InferRequest(request_id=request_id or uuid.uuid4().hex, model_id=info["model_id"],
                                fingerprint=info["fingerprint"], latent_shape=info["latent_shape"],
                                hyper_shape=info["hyper_shape"], stream=enc.data, index_checksum=enc.index_checksum,
-                               top_k=top_k, tag=tag, client_id=self.client_id)
+                               top_k=top_k, tag=tag, client_id=self.client_id, label=label)
 
     def send(self, req: pb.InferRequest) -> pb.InferReply:
         """Unary call; UNAVAILABLE/RESOURCE_EXHAUSTED are retried with the same request id (idempotent)."""

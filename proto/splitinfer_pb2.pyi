@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class InferRequest(_message.Message):
-    __slots__ = ("request_id", "model_id", "fingerprint", "latent_shape", "hyper_shape", "stream", "index_checksum", "top_k", "tag", "client_id")
+    __slots__ = ("request_id", "model_id", "fingerprint", "latent_shape", "hyper_shape", "stream", "index_checksum", "top_k", "tag", "client_id", "label")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class InferRequest(_message.Message):
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model_id: str
     fingerprint: str
@@ -28,7 +29,8 @@ class InferRequest(_message.Message):
     top_k: int
     tag: str
     client_id: str
-    def __init__(self, request_id: _Optional[str] = ..., model_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., latent_shape: _Optional[_Iterable[int]] = ..., hyper_shape: _Optional[_Iterable[int]] = ..., stream: _Optional[bytes] = ..., index_checksum: _Optional[int] = ..., top_k: _Optional[int] = ..., tag: _Optional[str] = ..., client_id: _Optional[str] = ...) -> None: ...
+    label: int
+    def __init__(self, request_id: _Optional[str] = ..., model_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., latent_shape: _Optional[_Iterable[int]] = ..., hyper_shape: _Optional[_Iterable[int]] = ..., stream: _Optional[bytes] = ..., index_checksum: _Optional[int] = ..., top_k: _Optional[int] = ..., tag: _Optional[str] = ..., client_id: _Optional[str] = ..., label: _Optional[int] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("label", "name", "probability")

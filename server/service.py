@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -25,11 +25,13 @@ from grpc_reflection.v1alpha import reflection
 
 from codec.ans import CodecError
 from codec.model import IndexMismatchError
+from monitor.reporter import MonitorReporter, new_record_id
 from proto import splitinfer_pb2 as pb
 
 from .batching import Batcher
 from .validation import Limits, RequestError, parse_request, validate
 
+STATUS_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SplitInference"].full_name
 log = logging.getLogger("splitinfer.server")
 
@@ -50,6 +52,8 @@ class ServerConfig:
     idempotency_cache: int = 10000
     stream_window: int = 32  # requests of one InferStream call processed concurrently
     torch_threads: int | None = None
+    monitor: str | None = None  # monitor base URL: every request's bytes are reported there
+    monitor_token: str | None = None
 
 
 class TailRunner:
@@ -83,8 +87,10 @@ class TailRunner:
 class SplitInferenceService:
     """Request handling (transport-independent pieces are methods so tests and the servicer share them)."""
 
-    def __init__(self, cfg: ServerConfig, runner: TailRunner) -> None:
+    def __init__(self, cfg: ServerConfig, runner: TailRunner,
+                 recorder: Callable[[dict], None] | None = None) -> None:
         self.cfg = cfg
+        self.recorder = recorder
         self.runner = runner
         self.limits = runner.limits
         self.decoders = futures.ThreadPoolExecutor(cfg.decode_workers, thread_name_prefix="decode")
@@ -97,9 +103,16 @@ class SplitInferenceService:
         self.counts = {"ok": 0, "error": 0, "cached": 0}
 
     # ------------------------------------------------------------------------------------------- core path
-    def handle(self, raw: bytes, deadline: float | None) -> pb.InferReply:
+    def handle(self, raw: bytes, deadline: float | None, note: dict | None = None,
+               client_id: str | None = None) -> pb.InferReply:
+        """Parse, validate, decode, batch, answer. ``note`` receives the parsed request (for accounting);
+        ``client_id`` is the authenticated identity, which replaces what the request claims."""
         t0 = time.perf_counter()
         req = parse_request(raw)
+        if client_id is not None:
+            req.client_id = client_id
+        if note is not None:
+            note["req"] = req
         key = (req.client_id, req.request_id)
         digest = hashlib.blake2b(raw, digest_size=16).digest() if req.request_id else b""
         if req.request_id:
@@ -172,40 +185,58 @@ class SplitInferenceService:
         left = context.time_remaining()  # a call without a deadline reports a huge number, not None
         return None if left is None or left > 1e6 else time.monotonic() + left
 
-    def infer(self, raw: bytes, context: grpc.ServicerContext) -> pb.InferReply:
+    def answer(self, raw: bytes, deadline: float | None, peer: str = "", client_id: str | None = None
+               ) -> pb.InferReply:
+        """``handle`` plus accounting; never raises: a refused request becomes a reply with ``error_code``."""
+        t0 = time.perf_counter()
+        note: dict = {}
         try:
-            reply = self.handle(raw, self._deadline(context))
+            reply = self.handle(raw, deadline, note, client_id)
+            status = "OK"
+            self.counts["ok"] += 1
         except RequestError as exc:
+            reply = pb.InferReply(error_code=exc.code.value[0], error_message=exc.message)
+            status = exc.code.name
             self.counts["error"] += 1
-            context.abort(exc.code, exc.message)
         except Exception as exc:  # never let a request take the server down; report it as INTERNAL
-            log.exception("unexpected error in Infer")
+            log.exception("unexpected error while answering a request")
+            reply = pb.InferReply(error_code=grpc.StatusCode.INTERNAL.value[0],
+                                  error_message=f"internal error: {type(exc).__name__}")
+            status = "INTERNAL"
             self.counts["error"] += 1
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
-        self.counts["ok"] += 1
+        if self.recorder is not None:
+            self._record(raw, note.get("req"), reply, status, peer, t0)
         return reply
 
-    def _handle_for_stream(self, raw: bytes, deadline: float | None) -> pb.InferReply:
+    def _record(self, raw: bytes, req: pb.InferRequest | None, reply: pb.InferReply, status: str, peer: str,
+                t0: float) -> None:
+        """Bytes at the two depths the server sees: the coded payload and the exact request message."""
+        rec = {"record_id": new_record_id(), "ts": time.time(), "peer": peer[:256], "status": status,
+               "payload_bytes": len(req.stream) if req is not None else 0, "message_bytes": len(raw),
+               "server_ms": (time.perf_counter() - t0) * 1000, "model_id": self.limits.model_id,
+               "predicted": int(reply.top_k[0].label) if reply.top_k else None}
+        if req is not None:
+            rec |= {"request_id": req.request_id[:256], "client_id": req.client_id[:256], "tag": req.tag[:256],
+                    "label": int(req.label) if req.HasField("label") else None}
         try:
-            reply = self.handle(raw, deadline)
-            self.counts["ok"] += 1
-            return reply
-        except RequestError as exc:
-            self.counts["error"] += 1
-            return pb.InferReply(error_code=exc.code.value[0], error_message=exc.message)
-        except Exception as exc:
-            log.exception("unexpected error in InferStream")
-            self.counts["error"] += 1
-            return pb.InferReply(error_code=grpc.StatusCode.INTERNAL.value[0],
-                                 error_message=f"internal error: {type(exc).__name__}")
+            self.recorder(rec)  # type: ignore[misc]
+        except Exception:  # accounting must never fail a request
+            log.exception("recording a request failed")
+
+    def infer(self, raw: bytes, context: grpc.ServicerContext) -> pb.InferReply:
+        reply = self.answer(raw, self._deadline(context), context.peer())
+        if reply.error_code:
+            context.abort(STATUS_BY_VALUE[reply.error_code], reply.error_message)
+        return reply
 
     def infer_stream(self, raws: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[pb.InferReply]:
         """Pipelined: up to ``stream_window`` requests of one stream are in flight (so they can share tail
         batches); replies are yielded in request order; a bad item gets an error reply, the stream goes on."""
         deadline = self._deadline(context)
+        peer = context.peer()
         pending: deque[futures.Future] = deque()
         for raw in raws:
-            pending.append(self.stream_pool.submit(self._handle_for_stream, raw, deadline))
+            pending.append(self.stream_pool.submit(self.answer, raw, deadline, peer))
             while len(pending) >= self.cfg.stream_window or (pending and pending[0].done()):
                 yield pending.popleft().result()
         while pending:
@@ -236,7 +267,9 @@ class RunningServer:
 
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
-        self.service = SplitInferenceService(cfg, TailRunner(cfg))
+        self.reporter = MonitorReporter(cfg.monitor, cfg.monitor_token) if cfg.monitor else None
+        recorder = (lambda rec: self.reporter.report("requests", rec)) if self.reporter else None
+        self.service = SplitInferenceService(cfg, TailRunner(cfg), recorder)
         opts = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes)]
         self.server = grpc.server(futures.ThreadPoolExecutor(cfg.rpc_workers, thread_name_prefix="rpc"),
@@ -259,6 +292,8 @@ class RunningServer:
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server.stop(grace).wait()
         self.service.close()
+        if self.reporter is not None:
+            self.reporter.close()
 
 
 def serve_forever(cfg: ServerConfig) -> None:

@@ -85,5 +85,7 @@ def validate(req: pb.InferRequest, limits: Limits) -> None:
                            f"stream of {n} bytes exceeds the limit of {limits.max_stream_bytes}")
     if n % 4:
         raise RequestError(bad, f"stream length {n} is not a multiple of 4 (ANS streams are 32-bit words)")
+    if req.HasField("label") and not 0 <= req.label < limits.num_classes:
+        raise RequestError(bad, f"label {req.label} is outside 0..{limits.num_classes - 1}")
     if req.top_k > limits.num_classes:
         raise RequestError(bad, f"top_k {req.top_k} exceeds the {limits.num_classes} classes")

@@ -91,7 +91,52 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     serve_forever(ServerConfig(checkpoint=args.checkpoint, host=args.host, port=args.port, device=args.device,
                                max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
                                decode_workers=args.decode_workers, max_message_bytes=args.max_message_bytes,
-                               torch_threads=args.threads))
+                               torch_threads=args.threads, monitor=args.monitor, monitor_token=args.monitor_token))
+    return 0
+
+
+def _cmd_monitor(args: argparse.Namespace) -> int:
+    from monitor.app import serve_monitor
+
+    serve_monitor(args.db, args.host, args.port, args.token)
+    return 0
+
+
+def _cmd_relay(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from monitor.relay import CountingRelay
+    from monitor.reporter import MonitorReporter
+
+    reporter = MonitorReporter(args.monitor, args.monitor_token) if args.monitor else None
+    relay = CountingRelay(_host_port(args.upstream, "--upstream"), _host_port(args.listen, "--listen"),
+                          reporter).start()
+    print(f"relaying {relay.name} -> {args.upstream}; counting bytes"
+          + (f", reporting to {args.monitor}" if args.monitor else ""), flush=True)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    done.wait()
+    relay.stop()
+    if reporter is not None:
+        reporter.close()
+    print(json.dumps(relay.totals()), flush=True)
+    return 0
+
+
+def _host_port(text: str, flag: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"{flag} {text!r}: expected HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from splitinfer.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out=Path(args.out), checkpoint=args.checkpoint, data=args.data, images=args.images,
+                        progress=not args.no_progress))
     return 0
 
 
@@ -206,7 +251,42 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--decode-workers", type=int, default=2)
     sv.add_argument("--max-message-bytes", type=int, default=1 << 20)
     sv.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    sv.add_argument("--monitor", default=None, help="monitor base URL (e.g. http://127.0.0.1:8000): report every "
+                    "request's payload and message bytes there")
+    sv.add_argument("--monitor-token", default=None, help="bearer token the monitor requires for ingest")
     sv.set_defaults(func=_cmd_serve)
+
+    mo = sub.add_parser("monitor", help="run the monitor: byte records in SQLite, /metrics, /api/*, dashboard",
+                        description="Run the monitor service (FastAPI on uvicorn). Servers and relays post records "
+                        "to it; it serves /api/summary, /api/records, /metrics, /healthz and a dashboard at /.")
+    mo.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    mo.add_argument("--port", type=int, default=8000)
+    mo.add_argument("--db", default="splitinfer-monitor.sqlite3", help="SQLite database path (created if missing)")
+    mo.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' on POST /api/ingest")
+    mo.set_defaults(func=_cmd_monitor)
+
+    rl = sub.add_parser("relay", help="counting TCP relay between edges and a server (bytes on the wire)",
+                        description="Forward TCP connections to a server and count the bytes of each connection in "
+                        "both directions; report them to the monitor, which joins them to the requests they carried.")
+    rl.add_argument("--listen", default="127.0.0.1:50052", help="HOST:PORT edges connect to (default 127.0.0.1:50052)")
+    rl.add_argument("--upstream", default="127.0.0.1:50051", help="HOST:PORT of the server (default 127.0.0.1:50051)")
+    rl.add_argument("--monitor", default=None, help="monitor base URL to report connections to")
+    rl.add_argument("--monitor-token", default=None, help="bearer token the monitor requires for ingest")
+    rl.set_defaults(func=_cmd_relay)
+
+    dm = sub.add_parser("demo", help="one-command demo: server, monitor and relay on loopback; clean, attacked, "
+                        "defended and corrupted images; table + HTML report",
+                        description="Start monitor, server and a counting relay on loopback with a bundled "
+                        "checkpoint, stream test images clean, entropy-attacked at two eps, defended and under two "
+                        "corruptions, print the per-condition table and write an HTML report. Attacks are computed "
+                        "once and cached in the output folder.")
+    dm.add_argument("--out", default="demo-output", help="output folder: report.html, summary.json, cache")
+    dm.add_argument("--checkpoint", default="default-mshp", help="bundled name or path (default default-mshp)")
+    dm.add_argument("--data", default=None, help="ImageFolder tree (default: ../shared/datasets/cifar10/test when "
+                    "present, else the sample images shipped with the package)")
+    dm.add_argument("--images", type=int, default=200, help="images per condition (default 200)")
+    dm.add_argument("--no-progress", action="store_true", help="no progress bars")
+    dm.set_defaults(func=_cmd_demo)
 
     ed = sub.add_parser("edge", help="run the edge client (no torch): head, encode, send",
                         description="Run the head with onnxruntime, entropy-code, send to a server, print results.")

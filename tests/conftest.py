@@ -12,6 +12,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10"
+SAMPLE_IMAGES = ROOT / "splitinfer" / "sample_images"
 
 torch.set_num_threads(2)
 
@@ -47,11 +48,15 @@ def cifar_test() -> Path:
 
 
 def eval_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """n test images (uint8 NHWC) and labels: CIFAR-10 test where present, else made (labels then meaningless)."""
-    if (CIFAR / "test").is_dir():
-        from models.data import load_image_folder
+    """n test images (uint8 NHWC) and labels: CIFAR-10 test where present, else the package's 200 sample test
+    images (real labels), else made (labels then meaningless)."""
+    from models.data import load_image_folder
 
+    if (CIFAR / "test").is_dir():
         data = load_image_folder(CIFAR / "test", 32, n, per_class=True, use_cache=False)
+        return data.images, data.labels
+    if n <= 200:
+        data = load_image_folder(SAMPLE_IMAGES, 32, n, per_class=True, use_cache=False)
         return data.images, data.labels
     rng = np.random.default_rng(seed)
     small = rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
