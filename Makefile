@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint bench clean-venv proto demo
+.PHONY: test lint bench clean-venv proto demo chromium
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -12,9 +12,14 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -e '.[full,dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q
+
+# The dashboard test renders the monitor's page in a real headless browser: Debian's chromium.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq chromium >/dev/null) || echo "warning: could not install chromium"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -54,7 +54,8 @@ def main() -> None:
             lik = model.entropy(model.encode_latent(to_tensor(images))).likelihoods
             est = float(sum((-torch.log2(v)).sum() for v in lik.values()) / 8 / len(images))
 
-        server = RunningServer(ServerConfig(checkpoint=name, port=0, max_batch=args.batch, max_delay_ms=5.0))
+        server = RunningServer(ServerConfig(insecure=True, checkpoint=name, port=0, max_batch=args.batch,
+                                            max_delay_ms=5.0))
         client = EdgeClient(f"127.0.0.1:{server.port}", encoder.bundle, timeout=60)
         requests = [client.request(e) for e in encoded]
         list(client.infer_stream(requests[:args.batch]))  # warm-up

@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -25,29 +27,72 @@ class ServerMismatchError(RuntimeError):
     """The server serves another model or codec than the edge bundle."""
 
 
-def channel_for(target: str, options: list[tuple[str, object]] | None = None) -> grpc.Channel:
+@dataclass(frozen=True)
+class Security:
+    """How the edge talks to servers: TLS (system roots or ``tls_ca``), optionally a client certificate for
+    mutual TLS, and a bearer token naming this edge. Plaintext only with ``insecure=True``."""
+
+    insecure: bool = False
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    token: str | None = None
+    server_name: str | None = None  # TLS name to verify when dialling by IP address of a name-only certificate
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        if self.insecure:
+            if self.tls_ca or self.tls_cert or self.tls_key:
+                raise ValueError("--insecure contradicts --tls-ca/--tls-cert/--tls-key")
+            return None
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        files = {}
+        for name in ("tls_ca", "tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise ValueError(f"--{name.replace('_', '-')} {path}: no such file")
+            files[name] = Path(path).read_bytes() if path else None
+        return grpc.ssl_channel_credentials(files["tls_ca"], files["tls_key"], files["tls_cert"])
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+
+PLAINTEXT = Security(insecure=True)
+
+
+def channel_for(target: str, security: Security = PLAINTEXT, options: list[tuple[str, object]] | None = None
+                ) -> grpc.Channel:
+    """A channel to one server or, for ``host:port,host:port``, round-robin over several."""
     opts = list(options or [])
     if "," in target:
         target = "ipv4:" + target if not target.startswith(("ipv4:", "ipv6:", "dns:")) else target
         opts.append(("grpc.lb_policy_name", "round_robin"))
-    return grpc.insecure_channel(target, options=opts)
+    creds = security.credentials()
+    if creds is None:
+        return grpc.insecure_channel(target, options=opts)
+    if security.server_name:
+        opts.append(("grpc.ssl_target_name_override", security.server_name))
+    return grpc.secure_channel(target, creds, options=opts)
 
 
 class EdgeClient:
     def __init__(self, target: str, bundle: EdgeBundle, timeout: float = 10.0, retries: int = 3,
-                 client_id: str = "", check: bool = True) -> None:
+                 client_id: str = "", check: bool = True, security: Security = PLAINTEXT) -> None:
         self.bundle = bundle
         self.timeout = timeout
         self.retries = retries
         self.client_id = client_id
-        self.channel = channel_for(target)
+        self.metadata = security.metadata()
+        self.channel = channel_for(target, security)
         self.stub = pb_grpc.SplitInferenceStub(self.channel)
         self.info: pb.ModelInfo | None = None
         if check:
             self.check_server()
 
     def check_server(self) -> pb.ModelInfo:
-        info = self.stub.GetModelInfo(pb.ModelInfoRequest(), timeout=self.timeout, wait_for_ready=True)
+        info = self.stub.GetModelInfo(pb.ModelInfoRequest(), timeout=self.timeout, wait_for_ready=True,
+                                      metadata=self.metadata)
         if info.fingerprint != self.bundle.info["fingerprint"] or info.model_id != self.bundle.info["model_id"]:
             raise ServerMismatchError(
                 f"server serves {info.model_id} (fingerprint {info.fingerprint[:16]}...), bundle is "
@@ -69,7 +114,7 @@ class EdgeClient:
         delay = 0.05
         for attempt in range(self.retries + 1):
             try:
-                return self.stub.Infer(req, timeout=self.timeout, wait_for_ready=attempt > 0)
+                return self.stub.Infer(req, timeout=self.timeout, wait_for_ready=attempt > 0, metadata=self.metadata)
             except grpc.RpcError as exc:
                 if exc.code() not in RETRYABLE or attempt == self.retries:
                     raise
@@ -83,7 +128,7 @@ class EdgeClient:
     def infer_stream(self, requests: Iterable[pb.InferRequest], timeout: float | None = None
                      ) -> Iterator[pb.InferReply]:
         """One bidirectional call for many requests; ``timeout`` bounds the whole call (default: none)."""
-        return self.stub.InferStream(iter(requests), timeout=timeout)
+        return self.stub.InferStream(iter(requests), timeout=timeout, metadata=self.metadata)
 
     def close(self) -> None:
         self.channel.close()

@@ -75,12 +75,17 @@ class StoreCollector:
                                    labels=["direction"])
         conn.add_metric(["up"], info["bytes_up"])
         conn.add_metric(["down"], info["bytes_down"])
+        flagged = CounterMetricFamily("splitinfer_flagged_requests", "Requests above the anomaly threshold, by tag",
+                                      labels=["tag"])
+        for tag, n in self.store.query("SELECT tag, SUM(flagged) FROM requests GROUP BY tag"):
+            flagged.add_metric([tag], n or 0)
         conns = GaugeMetricFamily("splitinfer_relay_connections", "Relayed TCP connections recorded")
         conns.add_metric([], info["connections"])
         yield reqs
         yield byts
         yield conn
         yield conns
+        yield flagged
         yield self._histogram("splitinfer_server_latency_seconds", "Server time per request (receipt to reply)",
                               "server_ms", LATENCY_BUCKETS_S, 1000.0)
         yield self._histogram("splitinfer_message_bytes", "Serialized request size", "message_bytes",

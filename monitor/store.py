@@ -29,7 +29,8 @@ CREATE TABLE IF NOT EXISTS requests (
     server_ms REAL,
     predicted INTEGER,
     label INTEGER,
-    model_id TEXT NOT NULL DEFAULT ''
+    model_id TEXT NOT NULL DEFAULT '',
+    flagged INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS requests_tag ON requests(tag);
 CREATE INDEX IF NOT EXISTS requests_peer ON requests(peer);
@@ -54,8 +55,9 @@ CREATE TABLE IF NOT EXISTS calibrations (
 );
 """
 
+MIGRATIONS = (("flagged", "INTEGER NOT NULL DEFAULT 0"),)
 REQUEST_FIELDS = ("record_id", "ts", "request_id", "client_id", "tag", "peer", "status", "payload_bytes",
-                  "message_bytes", "server_ms", "predicted", "label", "model_id")
+                  "message_bytes", "server_ms", "predicted", "label", "model_id", "flagged")
 CONNECTION_FIELDS = ("conn_id", "relay", "client_peer", "upstream_peer", "opened", "closed", "bytes_up",
                      "bytes_down")
 CALIBRATION_FIELDS = ("name", "ts", "per_request_bytes", "per_connection_bytes", "requests")
@@ -109,6 +111,10 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(requests)")}
+            for name, decl in MIGRATIONS:
+                if name not in columns:  # a database written by an older version: add the column
+                    self._db.execute(f"ALTER TABLE requests ADD COLUMN {name} {decl}")
 
     def close(self) -> None:
         with self._lock:
@@ -120,7 +126,7 @@ class Store:
         """Validate everything first, then write it in one transaction: a bad batch writes nothing."""
         reqs = [_clean("requests", i, r, REQUEST_FIELDS, ("record_id", "ts", "status", "payload_bytes",
                                                           "message_bytes"),
-                       ("payload_bytes", "message_bytes", "predicted", "label"), ("ts", "server_ms"))
+                       ("payload_bytes", "message_bytes", "predicted", "label", "flagged"), ("ts", "server_ms"))
                 for i, r in enumerate(requests)]
         conns = [_clean("connections", i, c, CONNECTION_FIELDS, ("conn_id", "upstream_peer", "opened", "bytes_up",
                                                                  "bytes_down"),
@@ -129,7 +135,8 @@ class Store:
         cals = [_clean("calibrations", i, c, CALIBRATION_FIELDS, CALIBRATION_FIELDS, ("requests",),
                        ("ts", "per_request_bytes", "per_connection_bytes"))
                 for i, c in enumerate(calibrations)]
-        reqs = [tuple("" if v is None and f in ("request_id", "client_id", "tag", "peer", "model_id") else v
+        reqs = [tuple("" if v is None and f in ("request_id", "client_id", "tag", "peer", "model_id")
+                      else 0 if v is None and f == "flagged" else v
                       for f, v in zip(REQUEST_FIELDS, r, strict=True)) for r in reqs]
         conns = [tuple("" if v is None and f in ("relay", "client_peer") else v
                        for f, v in zip(CONNECTION_FIELDS, c, strict=True)) for c in conns]

@@ -67,8 +67,8 @@ def summarize(store: Store) -> dict:
     up, down, conn_info = attribute_tcp(store)
     conn_share = conn_info.pop("conn_share")
     cal = store.calibration()
-    rows = store.query("SELECT record_id, tag, status, payload_bytes, message_bytes, server_ms, predicted, label "
-                       "FROM requests")
+    rows = store.query("SELECT record_id, tag, status, payload_bytes, message_bytes, server_ms, predicted, label, "
+                       "flagged FROM requests")
     groups: dict[str, list] = defaultdict(list)
     for r in rows:
         groups[r["tag"] or "(untagged)"].append(r)
@@ -79,6 +79,8 @@ def summarize(store: Store) -> dict:
         tcp = [up[r["record_id"]] for r in rs if r["record_id"] in up]
         entry: dict = {
             "requests": len(rs), "images": len(ok), "errors": len(rs) - len(ok),
+            "flagged": sum(r["flagged"] for r in rs),
+            "status": {st: sum(r["status"] == st for r in rs) for st in sorted({r["status"] for r in rs})},
             "payload": _stats([r["payload_bytes"] for r in rs]),
             "message": _stats([r["message_bytes"] for r in rs]),
             "tcp": _stats(tcp),

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16proto/splitinfer.proto\x12\rsplitinfer.v1\"\xe9\x01\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x14\n\x0clatent_shape\x18\x04 \x03(\r\x12\x13\n\x0bhyper_shape\x18\x05 \x03(\r\x12\x0e\n\x06stream\x18\x06 \x01(\x0c\x12\x16\n\x0eindex_checksum\x18\x07 \x01(\r\x12\r\n\x05top_k\x18\x08 \x01(\r\x12\x0b\n\x03tag\x18\t \x01(\t\x12\x11\n\tclient_id\x18\n \x01(\t\x12\x12\n\x05label\x18\x0b \x01(\x05H\x00\x88\x01\x01\x42\x08\n\x06_label\">\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"\xe8\x01\n\nInferReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x05top_k\x18\x02 \x03(\x0b\x32\x19.splitinfer.v1.Prediction\x12\x11\n\tdecode_ms\x18\x03 \x01(\x01\x12\x10\n\x08queue_ms\x18\x04 \x01(\x01\x12\x0f\n\x07tail_ms\x18\x05 \x01(\x01\x12\x11\n\tserver_ms\x18\x06 \x01(\x01\x12\x14\n\x0cstream_bytes\x18\x07 \x01(\r\x12\x12\n\nbatch_size\x18\x08 \x01(\r\x12\x12\n\nerror_code\x18\t \x01(\x05\x12\x15\n\rerror_message\x18\n \x01(\t\"\x12\n\x10ModelInfoRequest\"\xcc\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x0c\n\x04\x61rch\x18\x03 \x01(\t\x12\r\n\x05prior\x18\x04 \x01(\t\x12\x12\n\ninput_size\x18\x05 \x01(\r\x12\x14\n\x0clatent_shape\x18\x06 \x03(\r\x12\x13\n\x0bhyper_shape\x18\x07 \x03(\r\x12\x0f\n\x07\x63lasses\x18\x08 \x03(\t\x12\x18\n\x10max_stream_bytes\x18\t \x01(\r\x12\x11\n\tmax_batch\x18\n \x01(\r2\xe7\x01\n\x0eSplitInference\x12?\n\x05Infer\x12\x1b.splitinfer.v1.InferRequest\x1a\x19.splitinfer.v1.InferReply\x12I\n\x0bInferStream\x12\x1b.splitinfer.v1.InferRequest\x1a\x19.splitinfer.v1.InferReply(\x01\x30\x01\x12I\n\x0cGetModelInfo\x12\x1f.splitinfer.v1.ModelInfoRequest\x1a\x18.splitinfer.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16proto/splitinfer.proto\x12\rsplitinfer.v1\"\xe9\x01\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x14\n\x0clatent_shape\x18\x04 \x03(\r\x12\x13\n\x0bhyper_shape\x18\x05 \x03(\r\x12\x0e\n\x06stream\x18\x06 \x01(\x0c\x12\x16\n\x0eindex_checksum\x18\x07 \x01(\r\x12\r\n\x05top_k\x18\x08 \x01(\r\x12\x0b\n\x03tag\x18\t \x01(\t\x12\x11\n\tclient_id\x18\n \x01(\t\x12\x12\n\x05label\x18\x0b \x01(\x05H\x00\x88\x01\x01\x42\x08\n\x06_label\">\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"\x91\x02\n\nInferReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x05top_k\x18\x02 \x03(\x0b\x32\x19.splitinfer.v1.Prediction\x12\x11\n\tdecode_ms\x18\x03 \x01(\x01\x12\x10\n\x08queue_ms\x18\x04 \x01(\x01\x12\x0f\n\x07tail_ms\x18\x05 \x01(\x01\x12\x11\n\tserver_ms\x18\x06 \x01(\x01\x12\x14\n\x0cstream_bytes\x18\x07 \x01(\r\x12\x12\n\nbatch_size\x18\x08 \x01(\r\x12\x12\n\nerror_code\x18\t \x01(\x05\x12\x15\n\rerror_message\x18\n \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x0b \x01(\r\x12\x0f\n\x07\x66lagged\x18\x0c \x01(\x08\"\x12\n\x10ModelInfoRequest\"\xcc\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x0c\n\x04\x61rch\x18\x03 \x01(\t\x12\r\n\x05prior\x18\x04 \x01(\t\x12\x12\n\ninput_size\x18\x05 \x01(\r\x12\x14\n\x0clatent_shape\x18\x06 \x03(\r\x12\x13\n\x0bhyper_shape\x18\x07 \x03(\r\x12\x0f\n\x07\x63lasses\x18\x08 \x03(\t\x12\x18\n\x10max_stream_bytes\x18\t \x01(\r\x12\x11\n\tmax_batch\x18\n \x01(\r2\xe7\x01\n\x0eSplitInference\x12?\n\x05Infer\x12\x1b.splitinfer.v1.InferRequest\x1a\x19.splitinfer.v1.InferReply\x12I\n\x0bInferStream\x12\x1b.splitinfer.v1.InferRequest\x1a\x19.splitinfer.v1.InferReply(\x01\x30\x01\x12I\n\x0cGetModelInfo\x12\x1f.splitinfer.v1.ModelInfoRequest\x1a\x18.splitinfer.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,11 +36,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTION']._serialized_start=277
   _globals['_PREDICTION']._serialized_end=339
   _globals['_INFERREPLY']._serialized_start=342
-  _globals['_INFERREPLY']._serialized_end=574
-  _globals['_MODELINFOREQUEST']._serialized_start=576
-  _globals['_MODELINFOREQUEST']._serialized_end=594
-  _globals['_MODELINFO']._serialized_start=597
-  _globals['_MODELINFO']._serialized_end=801
-  _globals['_SPLITINFERENCE']._serialized_start=804
-  _globals['_SPLITINFERENCE']._serialized_end=1035
+  _globals['_INFERREPLY']._serialized_end=615
+  _globals['_MODELINFOREQUEST']._serialized_start=617
+  _globals['_MODELINFOREQUEST']._serialized_end=635
+  _globals['_MODELINFO']._serialized_start=638
+  _globals['_MODELINFO']._serialized_end=842
+  _globals['_SPLITINFERENCE']._serialized_start=845
+  _globals['_SPLITINFERENCE']._serialized_end=1076
 # @@protoc_insertion_point(module_scope)

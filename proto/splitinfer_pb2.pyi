@@ -43,7 +43,7 @@ class Prediction(_message.Message):
     def __init__(self, label: _Optional[int] = ..., name: _Optional[str] = ..., probability: _Optional[float] = ...) -> None: ...
 
 class InferReply(_message.Message):
-    __slots__ = ("request_id", "top_k", "decode_ms", "queue_ms", "tail_ms", "server_ms", "stream_bytes", "batch_size", "error_code", "error_message")
+    __slots__ = ("request_id", "top_k", "decode_ms", "queue_ms", "tail_ms", "server_ms", "stream_bytes", "batch_size", "error_code", "error_message", "retry_after_ms", "flagged")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,8 @@ class InferReply(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    FLAGGED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     top_k: _containers.RepeatedCompositeFieldContainer[Prediction]
     decode_ms: float
@@ -64,7 +66,9 @@ class InferReply(_message.Message):
     batch_size: int
     error_code: int
     error_message: str
-    def __init__(self, request_id: _Optional[str] = ..., top_k: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., decode_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., tail_ms: _Optional[float] = ..., server_ms: _Optional[float] = ..., stream_bytes: _Optional[int] = ..., batch_size: _Optional[int] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ...) -> None: ...
+    retry_after_ms: int
+    flagged: bool
+    def __init__(self, request_id: _Optional[str] = ..., top_k: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., decode_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., tail_ms: _Optional[float] = ..., server_ms: _Optional[float] = ..., stream_bytes: _Optional[int] = ..., batch_size: _Optional[int] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ..., retry_after_ms: _Optional[int] = ..., flagged: _Optional[bool] = ...) -> None: ...
 
 class ModelInfoRequest(_message.Message):
     __slots__ = ()

@@ -29,6 +29,8 @@ from monitor.reporter import MonitorReporter, new_record_id
 from proto import splitinfer_pb2 as pb
 
 from .batching import Batcher
+from .protection import AnomalyDetector, Budgets, FairExecutor
+from .security import TokenTable, server_credentials
 from .validation import Limits, RequestError, parse_request, validate
 
 STATUS_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
@@ -54,6 +56,17 @@ class ServerConfig:
     torch_threads: int | None = None
     monitor: str | None = None  # monitor base URL: every request's bytes are reported there
     monitor_token: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # given: clients must present a certificate signed by it (mutual TLS)
+    insecure: bool = False  # plaintext must be asked for explicitly
+    tokens: str | None = None  # YAML/JSON token -> client id; given: every call needs a known bearer token
+    budget_bytes_per_s: float | None = None  # per-client token bucket on received bytes; None: no budget
+    budget_burst_bytes: int | None = None  # bucket size; default 2 s of budget (at least one max-size message)
+    anomaly_policy: str = "off"  # off | flag | deprioritize | reject, against the clean stream-size distribution
+    anomaly_quantile: float = 0.995
+    anomaly_margin: float = 0.10
+    anomaly_backoff_ms: int = 1000  # retry-after advised with a rejected anomalous request
 
 
 class TailRunner:
@@ -79,6 +92,25 @@ class TailRunner:
             num_classes=len(man["classes"]), max_stream_bytes=cfg.max_stream_bytes or 4 * c * h * w + 1024)
 
     @torch.no_grad()
+    def clean_sizes(self, root: str | None = None) -> np.ndarray:
+        """Real coded sizes of clean images (the package's sample test images by default) with this codec."""
+        from pathlib import Path
+
+        from models.data import load_image_folder
+
+        root = root or str(Path(__file__).resolve().parents[1] / "splitinfer" / "sample_images")
+        images = load_image_folder(root, self.model.spec.input_size, use_cache=False).images
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0)
+        model = self.model.cpu()
+        try:
+            y = model.encode_latent(x)
+            z = model.entropy.side_latent(y)
+        finally:
+            self.model.to(self.device)
+        return np.array([len(self.codec.encode(y[i].numpy(), None if z is None else z[i].numpy()).data)
+                         for i in range(len(y))])
+
+    @torch.no_grad()
     def run(self, y_hat: np.ndarray) -> np.ndarray:
         logits = self.model.decode_tail(torch.from_numpy(y_hat).to(self.device))
         return torch.softmax(logits.float(), dim=1).cpu().numpy()
@@ -91,9 +123,16 @@ class SplitInferenceService:
                  recorder: Callable[[dict], None] | None = None) -> None:
         self.cfg = cfg
         self.recorder = recorder
+        self.tokens = TokenTable.load(cfg.tokens) if cfg.tokens else None
+        self.budgets = None
+        if cfg.budget_bytes_per_s:
+            burst = cfg.budget_burst_bytes or max(2 * cfg.budget_bytes_per_s, cfg.max_message_bytes)
+            self.budgets = Budgets(cfg.budget_bytes_per_s, burst)
+        self.anomaly = (AnomalyDetector.calibrate(runner.clean_sizes(), cfg.anomaly_policy, cfg.anomaly_quantile,
+                                                  cfg.anomaly_margin) if cfg.anomaly_policy != "off" else None)
         self.runner = runner
         self.limits = runner.limits
-        self.decoders = futures.ThreadPoolExecutor(cfg.decode_workers, thread_name_prefix="decode")
+        self.decoders = FairExecutor(cfg.decode_workers)
         self.batcher = Batcher(runner.run, cfg.max_batch, cfg.max_delay_ms)
         self.stream_pool = futures.ThreadPoolExecutor(max(cfg.stream_window, 4), thread_name_prefix="stream")
         # (client_id, request_id) -> (digest of the request bytes, serialized reply): retries are answered from
@@ -126,7 +165,26 @@ class SplitInferenceService:
                 reply = pb.InferReply()
                 reply.ParseFromString(cached[1])
                 return reply
+        client = req.client_id or (note or {}).get("peer", "")
+        if self.budgets is not None:
+            wait = self.budgets.charge(client, len(raw))
+            if wait > 0:
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"client {client[:40]!r} is over its byte budget ({self.budgets.rate:.0f} B/s, "
+                                   f"burst {self.budgets.burst:.0f} B): retry after {wait * 1000:.0f} ms",
+                                   retry_after_ms=int(wait * 1000) + 1)
         validate(req, self.limits)
+        priority = 0
+        if self.anomaly is not None and self.anomaly.is_anomalous(len(req.stream)):
+            if note is not None:
+                note["flagged"] = True
+            if self.anomaly.policy == "reject":
+                raise RequestError(grpc.StatusCode.PERMISSION_DENIED,
+                                   f"stream of {len(req.stream)} bytes is above the anomaly threshold "
+                                   f"{self.anomaly.threshold:.0f} B (clean p{100 * self.anomaly.quantile:g} "
+                                   f"{self.anomaly.clean_quantile:.0f} B + {100 * self.anomaly.margin:.0f}%): "
+                                   "inputs look attacked or corrupted", retry_after_ms=self.cfg.anomaly_backoff_ms)
+            priority = int(self.anomaly.policy == "deprioritize")
 
         def remaining() -> float | None:
             if deadline is None:
@@ -139,13 +197,17 @@ class SplitInferenceService:
         checksum = req.index_checksum if self.limits.prior == "mshp" else None
         t_dec = time.perf_counter()
         try:
-            y_hat = self.decoders.submit(self.runner.codec.decode, req.stream, checksum).result(timeout=remaining())
+            y_hat = self.decoders.submit(client, self.runner.codec.decode, req.stream, checksum,
+                                         priority=priority).result(timeout=remaining())
         except IndexMismatchError as exc:
             raise RequestError(grpc.StatusCode.DATA_LOSS, f"index_checksum: {exc}") from exc
         except CodecError as exc:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"stream does not decode: {exc}") from exc
         except futures.TimeoutError:
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while decoding") from None
+        except OverflowError:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "server busy: decode queue is full",
+                               retry_after_ms=100) from None
         decode_ms = (time.perf_counter() - t_dec) * 1000
         if not np.isfinite(y_hat).all():
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "stream decodes to non-finite latent values")
@@ -163,7 +225,8 @@ class SplitInferenceService:
             top_k=[pb.Prediction(label=int(i), name=classes[i], probability=float(result.probabilities[i]))
                    for i in order],
             decode_ms=decode_ms, queue_ms=result.queue_ms, tail_ms=result.tail_ms,
-            server_ms=(time.perf_counter() - t0) * 1000, stream_bytes=len(req.stream), batch_size=result.batch_size)
+            server_ms=(time.perf_counter() - t0) * 1000, stream_bytes=len(req.stream), batch_size=result.batch_size,
+            flagged=bool(note and note.get("flagged")))
         if req.request_id:
             with self._cache_lock:
                 self._cache[key] = (digest, reply.SerializeToString())
@@ -189,13 +252,14 @@ class SplitInferenceService:
                ) -> pb.InferReply:
         """``handle`` plus accounting; never raises: a refused request becomes a reply with ``error_code``."""
         t0 = time.perf_counter()
-        note: dict = {}
+        note: dict = {"peer": peer}
         try:
             reply = self.handle(raw, deadline, note, client_id)
             status = "OK"
             self.counts["ok"] += 1
         except RequestError as exc:
-            reply = pb.InferReply(error_code=exc.code.value[0], error_message=exc.message)
+            reply = pb.InferReply(error_code=exc.code.value[0], error_message=exc.message,
+                                  retry_after_ms=exc.retry_after_ms, flagged=bool(note.get("flagged")))
             status = exc.code.name
             self.counts["error"] += 1
         except Exception as exc:  # never let a request take the server down; report it as INTERNAL
@@ -214,7 +278,7 @@ class SplitInferenceService:
         rec = {"record_id": new_record_id(), "ts": time.time(), "peer": peer[:256], "status": status,
                "payload_bytes": len(req.stream) if req is not None else 0, "message_bytes": len(raw),
                "server_ms": (time.perf_counter() - t0) * 1000, "model_id": self.limits.model_id,
-               "predicted": int(reply.top_k[0].label) if reply.top_k else None}
+               "predicted": int(reply.top_k[0].label) if reply.top_k else None, "flagged": int(reply.flagged)}
         if req is not None:
             rec |= {"request_id": req.request_id[:256], "client_id": req.client_id[:256], "tag": req.tag[:256],
                     "label": int(req.label) if req.HasField("label") else None}
@@ -223,26 +287,41 @@ class SplitInferenceService:
         except Exception:  # accounting must never fail a request
             log.exception("recording a request failed")
 
+    def _identity(self, context: grpc.ServicerContext) -> str | None:
+        """The authenticated client id (tokens configured), else None; aborts UNAUTHENTICATED on a bad token."""
+        if self.tokens is None:
+            return None
+        client = self.tokens.identify(context.invocation_metadata())
+        if client is None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          "missing or unknown bearer token (metadata 'authorization: Bearer <token>')")
+        return client
+
     def infer(self, raw: bytes, context: grpc.ServicerContext) -> pb.InferReply:
-        reply = self.answer(raw, self._deadline(context), context.peer())
+        client = self._identity(context)
+        reply = self.answer(raw, self._deadline(context), context.peer(), client)
         if reply.error_code:
+            if reply.retry_after_ms:
+                context.set_trailing_metadata((("retry-after-ms", str(reply.retry_after_ms)),))
             context.abort(STATUS_BY_VALUE[reply.error_code], reply.error_message)
         return reply
 
     def infer_stream(self, raws: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[pb.InferReply]:
         """Pipelined: up to ``stream_window`` requests of one stream are in flight (so they can share tail
         batches); replies are yielded in request order; a bad item gets an error reply, the stream goes on."""
+        client = self._identity(context)
         deadline = self._deadline(context)
         peer = context.peer()
         pending: deque[futures.Future] = deque()
         for raw in raws:
-            pending.append(self.stream_pool.submit(self.answer, raw, deadline, peer))
+            pending.append(self.stream_pool.submit(self.answer, raw, deadline, peer, client))
             while len(pending) >= self.cfg.stream_window or (pending and pending[0].done()):
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
 
     def get_model_info(self, request: pb.ModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
+        self._identity(context)
         return self.model_info()
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
@@ -258,7 +337,7 @@ class SplitInferenceService:
 
     def close(self) -> None:
         self.batcher.stop()
-        self.decoders.shutdown(wait=False, cancel_futures=True)
+        self.decoders.shutdown()
         self.stream_pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -267,6 +346,7 @@ class RunningServer:
 
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
+        creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca, cfg.insecure)  # fail before loading
         self.reporter = MonitorReporter(cfg.monitor, cfg.monitor_token) if cfg.monitor else None
         recorder = (lambda rec: self.reporter.report("requests", rec)) if self.reporter else None
         self.service = SplitInferenceService(cfg, TailRunner(cfg), recorder)
@@ -279,7 +359,10 @@ class RunningServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                             self.server)
-        self.port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        address = f"{cfg.host}:{cfg.port}"
+        self.tls = creds is not None
+        self.port = (self.server.add_secure_port(address, creds) if creds is not None
+                     else self.server.add_insecure_port(address))
         if self.port == 0:
             raise OSError(f"cannot bind {cfg.host}:{cfg.port}")
         self.server.start()
@@ -300,7 +383,8 @@ def serve_forever(cfg: ServerConfig) -> None:
     running = RunningServer(cfg)
     info = running.service.model_info()
     print(f"serving {info.model_id} ({info.prior}, fingerprint {info.fingerprint[:16]}...) on "
-          f"{cfg.host}:{running.port} device={cfg.device} max_batch={cfg.max_batch} "
+          f"{cfg.host}:{running.port} ({'mutual TLS' if cfg.tls_client_ca else 'TLS' if running.tls else 'PLAINTEXT'}"
+          f"{', tokens' if cfg.tokens else ''}) device={cfg.device} max_batch={cfg.max_batch} "
           f"max_delay_ms={cfg.max_delay_ms}", flush=True)
     done = threading.Event()
 

@@ -19,10 +19,11 @@ MAX_TEXT = 128
 class RequestError(Exception):
     """A request the server refuses: the status code to answer with and a message naming the field."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_ms: int = 0) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after_ms = retry_after_ms  # advice to back off (budgets, anomaly policy)
 
 
 @dataclass(frozen=True)

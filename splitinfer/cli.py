@@ -91,7 +91,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     serve_forever(ServerConfig(checkpoint=args.checkpoint, host=args.host, port=args.port, device=args.device,
                                max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
                                decode_workers=args.decode_workers, max_message_bytes=args.max_message_bytes,
-                               torch_threads=args.threads, monitor=args.monitor, monitor_token=args.monitor_token))
+                               torch_threads=args.threads, monitor=args.monitor, monitor_token=args.monitor_token,
+                               tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+                               insecure=args.insecure, tokens=args.tokens,
+                               budget_bytes_per_s=args.budget_bytes_per_s, budget_burst_bytes=args.budget_burst_bytes,
+                               anomaly_policy=args.anomaly_policy))
     return 0
 
 
@@ -146,14 +150,25 @@ def _cmd_edge(args: argparse.Namespace) -> int:
     from edge_client.runtime import EdgeEncoder
     from splitinfer.images import collect_images, read_image
 
+    for flag in ("bundle", "server", "images"):
+        if not getattr(args, flag):
+            raise ValueError(f"--{flag} is required (flag, config file edge.{flag}, or SPLITINFER_EDGE_"
+                             f"{flag.upper()})")
+    security = _edge_security(args)
     encoder = EdgeEncoder(args.bundle)
+    defense = None
+    if args.defense:
+        from edge_client.defense import EdgeDefense
+
+        defense = EdgeDefense(encoder, args.defense)
     files = collect_images(args.images)[: args.limit]
-    client = EdgeClient(args.server, encoder.bundle, timeout=args.timeout, client_id=args.client_id)
+    client = EdgeClient(args.server, encoder.bundle, timeout=args.timeout, client_id=args.client_id,
+                        security=security)
     rows = []
     for f in files:
         image = read_image(f, encoder.input_size)[None]
         t0 = time.perf_counter()
-        enc = encoder.encode(image)[0]
+        enc = encoder.encode(defense(image) if defense is not None else image)[0]
         edge_ms = (time.perf_counter() - t0) * 1000
         req = client.request(enc, tag=args.tag)
         reply = client.send(req)
@@ -170,6 +185,45 @@ def _cmd_edge(args: argparse.Namespace) -> int:
                        str(r["message_bytes"]), f"{r['edge_ms']:.1f}", f"{r['server_ms']:.1f}") for r in rows],
                      ("image", "class", "p", "payload B", "message B", "edge ms", "server ms"))
     return 0
+
+
+def _edge_security(args: argparse.Namespace) -> object:
+    from edge_client.client import Security
+
+    sec = Security(insecure=args.insecure, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                   token=args.token, server_name=args.server_name)
+    sec.credentials()  # validates files and flag combinations before any work
+    return sec
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    import os
+
+    import yaml
+
+    from splitinfer.config import effective
+
+    values = effective(_subcommands(build_parser()), args.config or os.environ.get("SPLITINFER_CONFIG"), os.environ)
+    if args.section:
+        values = {args.section: values[args.section]}
+    print(yaml.safe_dump(values, sort_keys=True), end="")
+    return 0
+
+
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from splitinfer.certs import make_certs
+
+    files = make_certs(args.out, [h for h in args.hosts.split(",") if h], [c for c in args.clients.split(",") if c],
+                       args.days)
+    print(json.dumps({k: str(v) for k, v in files.items()}, indent=2))
+    return 0
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
 
 
 def _print_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> None:
@@ -254,6 +308,21 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--monitor", default=None, help="monitor base URL (e.g. http://127.0.0.1:8000): report every "
                     "request's payload and message bytes there")
     sv.add_argument("--monitor-token", default=None, help="bearer token the monitor requires for ingest")
+    sv.add_argument("--tls-cert", default=None, help="server certificate (PEM); with --tls-key serves TLS")
+    sv.add_argument("--tls-key", default=None, help="server private key (PEM)")
+    sv.add_argument("--tls-client-ca", default=None, help="CA (PEM) that signs client certificates: mutual TLS, "
+                    "clients without a valid certificate are refused")
+    sv.add_argument("--tokens", default=None, help="YAML/JSON file mapping bearer tokens to client ids; every call "
+                    "then needs metadata 'authorization: Bearer <token>' and the token's client id is used")
+    sv.add_argument("--insecure", action="store_true", help="serve plaintext (refused unless given explicitly)")
+    sv.add_argument("--budget-bytes-per-s", type=float, default=None, help="per-client byte budget (token bucket "
+                    "on received message bytes); over it: RESOURCE_EXHAUSTED with retry-after-ms (default: none)")
+    sv.add_argument("--budget-burst-bytes", type=int, default=None,
+                    help="token bucket size (default: 2 s of budget, at least --max-message-bytes)")
+    sv.add_argument("--anomaly-policy", default="off", choices=["off", "flag", "deprioritize", "reject"],
+                    help="streams above the clean size distribution (p99.5 of the model's own clean streams + 10%%): "
+                    "flag them, decode them last, or refuse them with PERMISSION_DENIED (default off)")
+    _config_flag(sv)
     sv.set_defaults(func=_cmd_serve)
 
     mo = sub.add_parser("monitor", help="run the monitor: byte records in SQLite, /metrics, /api/*, dashboard",
@@ -263,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("--port", type=int, default=8000)
     mo.add_argument("--db", default="splitinfer-monitor.sqlite3", help="SQLite database path (created if missing)")
     mo.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' on POST /api/ingest")
+    _config_flag(mo)
     mo.set_defaults(func=_cmd_monitor)
 
     rl = sub.add_parser("relay", help="counting TCP relay between edges and a server (bytes on the wire)",
@@ -272,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--upstream", default="127.0.0.1:50051", help="HOST:PORT of the server (default 127.0.0.1:50051)")
     rl.add_argument("--monitor", default=None, help="monitor base URL to report connections to")
     rl.add_argument("--monitor-token", default=None, help="bearer token the monitor requires for ingest")
+    _config_flag(rl)
     rl.set_defaults(func=_cmd_relay)
 
     dm = sub.add_parser("demo", help="one-command demo: server, monitor and relay on loopback; clean, attacked, "
@@ -290,20 +361,63 @@ def build_parser() -> argparse.ArgumentParser:
 
     ed = sub.add_parser("edge", help="run the edge client (no torch): head, encode, send",
                         description="Run the head with onnxruntime, entropy-code, send to a server, print results.")
-    ed.add_argument("--bundle", required=True, help="edge bundle directory (splitinfer export)")
-    ed.add_argument("--server", required=True, help="HOST:PORT, or several comma-separated (round-robin)")
-    ed.add_argument("--images", required=True, nargs="+", help="image files and/or directories")
+    ed.add_argument("--bundle", default=None, help="edge bundle directory (splitinfer export); required")
+    ed.add_argument("--server", default=None, help="HOST:PORT, or several comma-separated (round-robin), or "
+                    "dns:///NAME:PORT; required")
+    ed.add_argument("--images", default=None, nargs="+", help="image files and/or directories; required")
     ed.add_argument("--limit", type=int, default=None, help="send at most N images")
     ed.add_argument("--tag", default="clean", help="experiment tag sent with each request")
     ed.add_argument("--client-id", default="", help="client id sent with each request")
     ed.add_argument("--timeout", type=float, default=10.0, help="per-request deadline in seconds")
     ed.add_argument("--json", action="store_true")
+    ed.add_argument("--tls-ca", default=None, help="CA (PEM) to verify the server with (default: system roots)")
+    ed.add_argument("--tls-cert", default=None, help="client certificate (PEM) for mutual TLS")
+    ed.add_argument("--tls-key", default=None, help="client private key (PEM) for mutual TLS")
+    ed.add_argument("--server-name", default=None, help="TLS name to verify when the certificate's name differs "
+                    "from the dialled address")
+    ed.add_argument("--token", default=None, help="bearer token identifying this edge to the server")
+    ed.add_argument("--insecure", action="store_true", help="plaintext (refused unless given explicitly)")
+    ed.add_argument("--defense", default=None, help="input defense run on the edge before encoding "
+                    "(object_tv, tv, bit_depth, median, jpeg)")
+    _config_flag(ed)
     ed.set_defaults(func=_cmd_edge)
+
+    cf = sub.add_parser("config", help="print the effective configuration (defaults < file < environment)",
+                        description="Print every setting of every section as YAML: built-in defaults, overridden "
+                        "by --config FILE (or SPLITINFER_CONFIG), overridden by SPLITINFER_<SECTION>_<KEY>.")
+    cf.add_argument("--config", default=None, help="YAML file with sections server, edge, monitor, relay, loadtest")
+    cf.add_argument("--section", default=None, choices=["server", "edge", "monitor", "relay", "loadtest"])
+    cf.set_defaults(func=_cmd_config)
+
+    ce = sub.add_parser("certs", help="make a private CA and server/client certificates for (mutual) TLS",
+                        description="Write ca.pem, server.pem/.key (for --hosts) and one .pem/.key per client; for "
+                        "tests and small deployments.")
+    ce.add_argument("--out", required=True, help="directory to write into")
+    ce.add_argument("--hosts", default="localhost,127.0.0.1", help="comma-separated DNS names / IPs of the server")
+    ce.add_argument("--clients", default="edge", help="comma-separated client certificate names")
+    ce.add_argument("--days", type=int, default=365)
+    ce.set_defaults(func=_cmd_certs)
     return p
 
 
+def _config_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML config file (section per component; flags and "
+                   "SPLITINFER_<SECTION>_<KEY> environment variables override it); see splitinfer config")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    import os
+
+    from splitinfer.config import ConfigError, apply
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        apply(_subcommands(parser), argv, os.environ)
+    except ConfigError as exc:
+        print(f"splitinfer: error: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -82,7 +82,7 @@ def servers():
     """Real gRPC servers on loopback (ephemeral ports) serving the bundled checkpoints."""
     from server.service import RunningServer, ServerConfig
 
-    running = {p: RunningServer(ServerConfig(checkpoint=f"default-{p}", port=0, max_delay_ms=2.0))
+    running = {p: RunningServer(ServerConfig(insecure=True, checkpoint=f"default-{p}", port=0, max_delay_ms=2.0))
                for p in ("fp", "mshp")}
     yield running
     for s in running.values():

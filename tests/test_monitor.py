@@ -202,7 +202,8 @@ def test_three_depths_through_server_and_relay(tmp_path: Path, bundles: dict[str
     encoder = EdgeEncoder(bundles["fp"])
     encs = encoder.encode(images)
     mon = MonitorThread(tmp_path / "m.sqlite3").start()
-    server = RunningServer(ServerConfig(checkpoint="default-fp", port=0, monitor=mon.url, max_delay_ms=1.0))
+    server = RunningServer(ServerConfig(insecure=True, checkpoint="default-fp", port=0, monitor=mon.url,
+                                        max_delay_ms=1.0))
     reporter = MonitorReporter(mon.url)
     relay = CountingRelay(("127.0.0.1", server.port), reporter=reporter).start()
     target = f"127.0.0.1:{relay.port}"

@@ -96,7 +96,7 @@ def test_edge_runs_without_torch(servers: dict, bundles: dict, tmp_path: Path) -
         "for m in ('torch', 'torchvision', 'compressai'): sys.modules[m] = None\n"
         "from splitinfer.cli import main\n"
         f"rc = main(['edge', '--bundle', {str(bundles['mshp'])!r}, '--server', "
-        f"'127.0.0.1:{servers['mshp'].port}', '--images', {str(tmp_path)!r}, '--json'])\n"
+        f"'127.0.0.1:{servers['mshp'].port}', '--images', {str(tmp_path)!r}, '--json', '--insecure'])\n"
         "assert 'torch' not in [k for k, v in sys.modules.items() if v is not None]\n"
         "sys.exit(rc)\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
