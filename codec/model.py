@@ -107,6 +107,33 @@ class CodecModel:
             return (q["y"] + self.medians["y"].reshape(-1, 1, 1).astype(np.float64)).astype(np.float32)
         return (q["y"] + q["means"]).astype(np.float32)
 
+    # ------------------------------------------------------------------------------------------- bit accounting
+    def element_bits(self, y: np.ndarray, z: np.ndarray | None = None, latent: str = "y") -> np.ndarray:
+        """Cost in bits of every quantized element of one image's latent under the CDF tables, float64.
+
+        Same symbols and table indexes as :meth:`encode` (for MSHP the fixed-point scale indexes from z), so it is
+        what the coder pays up to the coder's own rounding. A symbol inside its table costs ``-log2 p`` of its bin
+        (16-bit CDF); an escaped (out-of-table) one costs the escape bin plus the raw value exactly as
+        :mod:`codec.ans` writes it: 5 bits of length (a 32-way uniform) and ``bit_length - 1`` bits of value.
+        ``latent``: "y" ([C,H,W]) or, for MSHP, "z" (the side latent, [C,h,w]). Used by the edge defense's mask."""
+        if latent not in ("y", "z") or (latent == "z" and self.prior != "mshp"):
+            raise CodecError(f"latent must be 'y' (or 'z' for MSHP), got {latent!r} for prior {self.prior}")
+        q = self.quantize(y, z)
+        sym, idx, tables = q[latent], q[f"{latent}_idx"], self.tables[latent]
+        idx = np.asarray(idx, dtype=np.int64)
+        lengths = tables.lengths.astype(np.int64)[idx]
+        rel = sym - tables.offsets.astype(np.int64)[idx]
+        escape_bin = lengths - 2
+        esc = (rel < 0) | (rel >= escape_bin)
+        col = np.where(esc, escape_bin, rel)
+        cdf = tables.cdf.astype(np.int64)
+        counts = cdf[idx, col + 1] - cdf[idx, col]
+        total = cdf[idx, lengths - 1].astype(np.float64)
+        bits = -np.log2(np.maximum(counts, 1) / total)
+        zigzag = np.where(sym >= 0, sym * 2, -sym * 2 - 1)
+        raw = 5.0 + np.maximum(_bit_length(zigzag) - 1, 0)
+        return np.where(esc, bits + raw, bits)
+
     # ---------------------------------------------------------------------------------------------- identity
     def _arrays(self) -> dict[str, np.ndarray]:
         arrays: dict[str, np.ndarray] = {}
@@ -168,6 +195,17 @@ class CodecModel:
                   for i, spec in enumerate(meta["hyper_layers"])]
         return cls(meta["prior"], tuple(meta["latent_shape"]), tables, medians, layers, arrays.get("thresholds"),
                    tuple(meta["hyper_shape"]) if meta["hyper_shape"] else None)
+
+
+def _bit_length(v: np.ndarray) -> np.ndarray:
+    """Elementwise ``int.bit_length`` of non-negative int64 values (0 -> 0), exact (no float log)."""
+    v = np.asarray(v, dtype=np.int64)
+    n = np.zeros(v.shape, dtype=np.int64)
+    for shift in (32, 16, 8, 4, 2, 1):
+        big = v >= (1 << shift)
+        n += np.where(big, shift, 0)
+        v = np.where(big, v >> shift, v)
+    return n + (v > 0)
 
 
 class IndexMismatchError(CodecError):

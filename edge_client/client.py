@@ -6,6 +6,8 @@ round-robin across them.
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -61,12 +63,27 @@ class Security:
 PLAINTEXT = Security(insecure=True)
 
 
+def _resolve(host_port: str) -> str:
+    """``name:port`` -> ``a.b.c.d:port`` (gRPC's comma-separated address lists take IP addresses only)."""
+    host, _, port = host_port.strip().rpartition(":")
+    try:
+        ipaddress.IPv4Address(host)
+        return host_port.strip()
+    except ValueError:
+        pass
+    try:
+        return f"{socket.getaddrinfo(host, int(port), socket.AF_INET)[0][4][0]}:{port}"
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"server address {host_port!r}: cannot resolve ({exc})") from exc
+
+
 def channel_for(target: str, security: Security = PLAINTEXT, options: list[tuple[str, object]] | None = None
                 ) -> grpc.Channel:
     """A channel to one server or, for ``host:port,host:port``, round-robin over several."""
     opts = list(options or [])
-    if "," in target:
-        target = "ipv4:" + target if not target.startswith(("ipv4:", "ipv6:", "dns:")) else target
+    if "," in target and not target.startswith(("ipv4:", "ipv6:")):
+        target = "ipv4:" + ",".join(_resolve(hp) for hp in target.split(","))
+    if target.startswith(("ipv4:", "ipv6:", "dns:")):  # several addresses, or a name with several records
         opts.append(("grpc.lb_policy_name", "round_robin"))
     creds = security.credentials()
     if creds is None:
@@ -74,6 +91,14 @@ def channel_for(target: str, security: Security = PLAINTEXT, options: list[tuple
     if security.server_name:
         opts.append(("grpc.ssl_target_name_override", security.server_name))
     return grpc.secure_channel(target, creds, options=opts)
+
+
+def build_request(info: dict, enc: Encoded, request_id: str = "", tag: str = "", top_k: int = 0,
+                  label: int | None = None, client_id: str = "") -> pb.InferRequest:
+    """The request for one coded image, from the bundle's ``info`` (model id, fingerprint, shapes)."""
+    return pb.InferRequest(request_id=request_id, model_id=info["model_id"], fingerprint=info["fingerprint"],
+                           latent_shape=info["latent_shape"], hyper_shape=info["hyper_shape"], stream=enc.data,
+                           index_checksum=enc.index_checksum, top_k=top_k, tag=tag, client_id=client_id, label=label)
 
 
 class EdgeClient:
@@ -84,6 +109,8 @@ class EdgeClient:
         self.retries = retries
         self.client_id = client_id
         self.metadata = security.metadata()
+        self.retries_made = 0  # attempts repeated after UNAVAILABLE / RESOURCE_EXHAUSTED
+        self.retried_ok = 0  # requests answered after at least one retry
         self.channel = channel_for(target, security)
         self.stub = pb_grpc.SplitInferenceStub(self.channel)
         self.info: pb.ModelInfo | None = None
@@ -103,21 +130,21 @@ class EdgeClient:
     def request(self, enc: Encoded, request_id: str | None = None, tag: str = "", top_k: int = 0,
                 label: int | None = None) -> pb.InferRequest:
         """``tag`` and ``label`` are optional experiment metadata (the monitor groups and scores by them)."""
-        info = self.bundle.info
-        return pb.InferRequest(request_id=request_id or uuid.uuid4().hex, model_id=info["model_id"],
-                               fingerprint=info["fingerprint"], latent_shape=info["latent_shape"],
-                               hyper_shape=info["hyper_shape"], stream=enc.data, index_checksum=enc.index_checksum,
-                               top_k=top_k, tag=tag, client_id=self.client_id, label=label)
+        return build_request(self.bundle.info, enc, request_id or uuid.uuid4().hex, tag, top_k, label,
+                             self.client_id)
 
     def send(self, req: pb.InferRequest) -> pb.InferReply:
         """Unary call; UNAVAILABLE/RESOURCE_EXHAUSTED are retried with the same request id (idempotent)."""
         delay = 0.05
         for attempt in range(self.retries + 1):
             try:
-                return self.stub.Infer(req, timeout=self.timeout, wait_for_ready=attempt > 0, metadata=self.metadata)
+                reply = self.stub.Infer(req, timeout=self.timeout, wait_for_ready=attempt > 0, metadata=self.metadata)
+                self.retried_ok += attempt > 0
+                return reply
             except grpc.RpcError as exc:
                 if exc.code() not in RETRYABLE or attempt == self.retries:
                     raise
+                self.retries_made += 1
                 time.sleep(delay)
                 delay *= 2
         raise AssertionError("unreachable")

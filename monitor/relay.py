@@ -156,6 +156,9 @@ class CountingRelay:
 
         try:
             await asyncio.gather(pump(reader, up_writer, True), pump(up_reader, writer, False))
+        except asyncio.CancelledError:  # the relay is shutting down
+            for w in (writer, up_writer):
+                w.close()
         finally:
             conn.closed = time.time()
             self._report()

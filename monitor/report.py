@@ -93,17 +93,19 @@ def table_rows(summary: dict) -> list[dict]:
         rows.append({"tag": tag, "images": e["images"], "errors": e["errors"],
                      "payload": (e["payload"] or {}).get("mean"), "message": (e["message"] or {}).get("mean"),
                      "tcp": (e["tcp"] or {}).get("mean"), "p95_message": (e["message"] or {}).get("p95"),
+                     "payload_delta_pct": e["payload_delta_pct"],
                      "delta_pct": e["tcp_delta_pct"] if e["tcp_delta_pct"] is not None else e["message_delta_pct"],
                      "accuracy": e["accuracy"]})
     return rows
 
 
 def render_table(summary: dict) -> str:
-    head = ("tag", "images", "errors", "payload B", "message B", "TCP B", "p95 message B", "Δ% vs clean",
-            "accuracy")
+    head = ("tag", "images", "errors", "payload B", "Δ% payload", "message B", "TCP B", "p95 message B",
+            "Δ% wire", "accuracy")
     out = ["<table id='summary'><thead><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>"]
     for r in table_rows(summary):
-        cells = (html.escape(r["tag"]), str(r["images"]), str(r["errors"]), _fmt(r["payload"]), _fmt(r["message"]),
+        cells = (html.escape(r["tag"]), str(r["images"]), str(r["errors"]), _fmt(r["payload"]),
+                 _fmt(r["payload_delta_pct"], "+.1f", "%"), _fmt(r["message"]),
                  _fmt(r["tcp"]), _fmt(r["p95_message"]), _fmt(r["delta_pct"], "+.1f", "%"),
                  _fmt(None if r["accuracy"] is None else 100 * r["accuracy"], ".1f", "%"))
         out.append(f"<tr data-tag='{html.escape(r['tag'], quote=True)}'>" + "".join(f"<td>{c}</td>" for c in cells)

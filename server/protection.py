@@ -71,29 +71,67 @@ class Budgets:
 
 @dataclass
 class AnomalyDetector:
-    """Flags a stream whose size is above ``threshold`` bytes: the clean distribution's upper quantile times a
-    margin, calibrated on clean images with the served model's own codec."""
+    """Two checks against the clean stream sizes of the served model (calibrated with its own codec):
+
+    * one request: its stream is above ``threshold`` (the clean distribution's upper quantile plus a margin);
+    * one client: the mean of its last ``window`` streams is above ``clean_mean + z · clean_std / √n``.
+
+    The per-client check is the sharp one: an entropy attack shifts the *mean* size by +30 % or more, far outside
+    the clean mean's spread over a window, while single attacked streams overlap the clean tail. A client is
+    judged once it has sent ``window // 2`` requests; sizes of refused requests count too (they were received).
+    """
 
     threshold: float
     clean_mean: float
+    clean_std: float
     clean_quantile: float
     quantile: float
     margin: float
     policy: str = "flag"
+    window: int = 16
+    z: float = 4.0
+    max_clients: int = 100_000
+
+    def __post_init__(self) -> None:
+        self._recent: OrderedDict[str, deque] = OrderedDict()
+        self._lock = threading.Lock()
 
     @classmethod
-    def calibrate(cls, sizes: np.ndarray, policy: str, quantile: float = 0.995, margin: float = 0.10
-                  ) -> AnomalyDetector:
+    def calibrate(cls, sizes: np.ndarray, policy: str, quantile: float = 0.995, margin: float = 0.10,
+                  window: int = 16, z: float = 4.0) -> AnomalyDetector:
         if policy not in ANOMALY_POLICIES:
             raise ValueError(f"anomaly policy {policy!r} is not one of {ANOMALY_POLICIES}")
         if len(sizes) < 20:
             raise ValueError("anomaly calibration needs at least 20 clean streams")
         q = float(np.quantile(sizes, quantile))
-        return cls(threshold=q * (1 + margin), clean_mean=float(np.mean(sizes)), clean_quantile=q,
-                   quantile=quantile, margin=margin, policy=policy)
+        return cls(threshold=q * (1 + margin), clean_mean=float(np.mean(sizes)), clean_std=float(np.std(sizes)),
+                   clean_quantile=q, quantile=quantile, margin=margin, policy=policy, window=window, z=z)
 
-    def is_anomalous(self, payload_bytes: int) -> bool:
-        return self.policy != "off" and payload_bytes > self.threshold
+    def client_limit(self, n: int) -> float:
+        return self.clean_mean + self.z * self.clean_std / np.sqrt(n)
+
+    def is_anomalous(self, payload_bytes: int, client: str | None = None) -> str | None:
+        """None, or why the stream is anomalous (names the check)."""
+        if self.policy == "off":
+            return None
+        if client is not None:
+            with self._lock:
+                recent = self._recent.get(client)
+                if recent is None:
+                    recent = self._recent[client] = deque(maxlen=self.window)
+                    while len(self._recent) > self.max_clients:
+                        self._recent.popitem(last=False)
+                else:
+                    self._recent.move_to_end(client)
+                recent.append(payload_bytes)
+                n, mean = len(recent), float(np.mean(recent))
+            if n >= self.window // 2 and mean > self.client_limit(n):
+                return (f"the client's last {n} streams average {mean:.0f} B, above the clean mean "
+                        f"{self.clean_mean:.0f} B + {self.z:g}σ/√{n} = {self.client_limit(n):.0f} B")
+        if payload_bytes > self.threshold:
+            return (f"stream of {payload_bytes} bytes is above the anomaly threshold {self.threshold:.0f} B "
+                    f"(clean p{100 * self.quantile:g} {self.clean_quantile:.0f} B + {100 * self.margin:.0f}%)")
+        return None
 
 
 class FairExecutor:

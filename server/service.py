@@ -67,6 +67,7 @@ class ServerConfig:
     anomaly_quantile: float = 0.995
     anomaly_margin: float = 0.10
     anomaly_backoff_ms: int = 1000  # retry-after advised with a rejected anomalous request
+    max_connection_age_s: int = 300
 
 
 class TailRunner:
@@ -175,16 +176,14 @@ class SplitInferenceService:
                                    retry_after_ms=int(wait * 1000) + 1)
         validate(req, self.limits)
         priority = 0
-        if self.anomaly is not None and self.anomaly.is_anomalous(len(req.stream)):
+        why = self.anomaly.is_anomalous(len(req.stream), client) if self.anomaly is not None else None
+        if why is not None:
             if note is not None:
                 note["flagged"] = True
-            if self.anomaly.policy == "reject":
-                raise RequestError(grpc.StatusCode.PERMISSION_DENIED,
-                                   f"stream of {len(req.stream)} bytes is above the anomaly threshold "
-                                   f"{self.anomaly.threshold:.0f} B (clean p{100 * self.anomaly.quantile:g} "
-                                   f"{self.anomaly.clean_quantile:.0f} B + {100 * self.anomaly.margin:.0f}%): "
-                                   "inputs look attacked or corrupted", retry_after_ms=self.cfg.anomaly_backoff_ms)
-            priority = int(self.anomaly.policy == "deprioritize")
+            if self.anomaly.policy == "reject":  # type: ignore[union-attr]
+                raise RequestError(grpc.StatusCode.PERMISSION_DENIED, f"{why}: inputs look attacked or corrupted",
+                                   retry_after_ms=self.cfg.anomaly_backoff_ms)
+            priority = int(self.anomaly.policy == "deprioritize")  # type: ignore[union-attr]
 
         def remaining() -> float | None:
             if deadline is None:
@@ -350,8 +349,11 @@ class RunningServer:
         self.reporter = MonitorReporter(cfg.monitor, cfg.monitor_token) if cfg.monitor else None
         recorder = (lambda rec: self.reporter.report("requests", rec)) if self.reporter else None
         self.service = SplitInferenceService(cfg, TailRunner(cfg), recorder)
+        # connections are recycled every few minutes so clients re-resolve names and reach replicas added later
         opts = [("grpc.max_receive_message_length", cfg.max_message_bytes),
-                ("grpc.max_send_message_length", cfg.max_message_bytes)]
+                ("grpc.max_send_message_length", cfg.max_message_bytes),
+                ("grpc.max_connection_age_ms", cfg.max_connection_age_s * 1000),
+                ("grpc.max_connection_age_grace_ms", 30_000)]
         self.server = grpc.server(futures.ThreadPoolExecutor(cfg.rpc_workers, thread_name_prefix="rpc"),
                                   options=opts)
         self.server.add_generic_rpc_handlers((self.service.generic_handler(),))

@@ -136,6 +136,44 @@ def _host_port(text: str, flag: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def _cmd_loadtest(args: argparse.Namespace) -> int:
+    from edge_client.client import Security
+    from edge_client.loadgen import LoadConfig, LoadRun, check_servers, parse_mix
+    from splitinfer.loadtest import TABLE_HEADER, expand_mix, prepare_streams, table_rows, write_outputs
+
+    if not args.server:
+        raise ValueError("--server is required (flag, config file loadtest.server, or SPLITINFER_LOADTEST_SERVER)")
+    for flag in ("clients", "rate", "duration", "timeout"):
+        if getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag} must be positive")
+    if args.duration > 3600 or args.clients > 10_000:
+        raise ValueError("--duration is capped at 3600 s and --clients at 10000 (bounded load tests)")
+    mix = expand_mix(parse_mix(args.mix))
+    security = Security(insecure=args.insecure, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                        token=args.token, server_name=args.server_name)
+    security.credentials()
+    servers = [s.strip() for s in args.server.split(",") if s.strip()]
+    streams, info = prepare_streams(sorted(mix), args.checkpoint, args.data, args.images)
+    check_servers(servers, info, security)
+    cfg = LoadConfig(servers=servers, clients=args.clients, mix=mix, rate=args.rate, duration=args.duration,
+                     timeout=args.timeout, seed=args.seed, security=security, measure_tcp=not args.no_relay,
+                     honor_backoff=not args.ignore_backoff)
+    run = LoadRun(cfg, streams)
+    if not args.json:
+        print(f"load: {len(run.tags)} clients {dict(sorted(cfg.mix.items()))} at {cfg.rate:g} req/s for "
+              f"{cfg.duration:g} s against {', '.join(servers)}", flush=True)
+    result = run.run()
+    result["model_id"] = info["model_id"]
+    files = write_outputs(result, Path(args.out)) if args.out else {}
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "timeline"}))
+    else:
+        _print_table(table_rows(result), TABLE_HEADER)
+        for name, path in files.items():
+            print(f"{name}: {path}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from splitinfer.demo import DemoConfig, run_demo
 
@@ -344,6 +382,37 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--monitor-token", default=None, help="bearer token the monitor requires for ingest")
     _config_flag(rl)
     rl.set_defaults(func=_cmd_relay)
+
+    lt = sub.add_parser("loadtest", help="virtual edge clients replaying clean/attacked/defended streams",
+                        description="Drive servers with virtual edge clients (asyncio) that replay pre-encoded "
+                        "streams: Poisson arrivals, bounded in time, round-robin over the servers, honouring the "
+                        "server's back-off advice. Reports per tag: requests/s, latency p50/p95/p99, message and TCP "
+                        "bytes/s, errors by status code; writes JSON and a plot with --out.")
+    lt.add_argument("--server", default=None, help="HOST:PORT[,HOST:PORT...]; required")
+    lt.add_argument("--clients", type=int, default=4, help="virtual edge clients (default 4)")
+    lt.add_argument("--mix", default="clean=0.5,attack=0.5", help="tag shares over the clients, e.g. "
+                    "clean=0.5,attack=0.5 (attack = attack:entropy_pgd:8, defended = defended:object_tv; any tag "
+                    "such as corruption:shot_noise:3 works)")
+    lt.add_argument("--rate", type=float, default=20.0, help="requests per second, all clients together")
+    lt.add_argument("--duration", type=float, default=10.0, help="seconds of load (default 10, at most 3600)")
+    lt.add_argument("--timeout", type=float, default=5.0, help="per-request deadline in seconds")
+    lt.add_argument("--seed", type=int, default=0)
+    lt.add_argument("--checkpoint", default="default-mshp", help="model the streams are coded with")
+    lt.add_argument("--data", default=None, help="ImageFolder tree of source images (default: shared CIFAR-10 test "
+                    "when present, else the package's sample images)")
+    lt.add_argument("--images", type=int, default=200, help="distinct images per tag (default 200)")
+    lt.add_argument("--no-relay", action="store_true", help="dial servers directly (no TCP byte counts)")
+    lt.add_argument("--ignore-backoff", action="store_true", help="keep sending when told to back off")
+    lt.add_argument("--tls-ca", default=None)
+    lt.add_argument("--tls-cert", default=None)
+    lt.add_argument("--tls-key", default=None)
+    lt.add_argument("--server-name", default=None)
+    lt.add_argument("--token", default=None, help="bearer token of the load clients")
+    lt.add_argument("--insecure", action="store_true", help="plaintext (refused unless given explicitly)")
+    lt.add_argument("--json", action="store_true", help="print one JSON object")
+    lt.add_argument("--out", default=None, help="folder for loadtest.json and loadtest.png")
+    _config_flag(lt)
+    lt.set_defaults(func=_cmd_loadtest)
 
     dm = sub.add_parser("demo", help="one-command demo: server, monitor and relay on loopback; clean, attacked, "
                         "defended and corrupted images; table + HTML report",

@@ -443,8 +443,11 @@ def test_dockerfiles_install_what_they_run() -> None:
     server = " ".join(i.args for i in dockerfile(DOCKERFILES["server"]) if i.name == "RUN")
     assert "'.[full]'" in server and "torch==" in server
     monitor = " ".join(i.args for i in dockerfile(DOCKERFILES["monitor"]) if i.name in ("RUN", "ARG"))
+    assert "'.[monitor]'" in monitor
+    extra = " ".join(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+                     ["monitor"])
     for module in ("fastapi", "uvicorn", "prometheus-client", "matplotlib"):  # what monitor.app imports
-        assert module in monitor, f"Dockerfile.monitor does not install {module}"
+        assert module in extra, f"the monitor extra does not install {module}"
     assert "[full]" not in monitor and "torch==" not in monitor
 
 

@@ -50,6 +50,20 @@ def test_anomaly_calibration() -> None:
         AnomalyDetector.calibrate(sizes, "drop")
 
 
+def test_anomaly_per_client_window() -> None:
+    rng = np.random.default_rng(0)
+    clean = rng.normal(230, 40, 400).clip(100)
+    det = AnomalyDetector.calibrate(clean, "reject", window=16, z=4.0)
+    # a clean client is never judged anomalous over a long run; a client whose streams are 30% bigger is,
+    # although most of its single streams are below the per-request threshold
+    assert not any(det.is_anomalous(int(v), "clean-client") for v in rng.normal(230, 40, 500).clip(100))
+    attacked = rng.normal(300, 40, 40).clip(100)
+    assert np.mean(attacked < det.threshold) > 0.5
+    verdicts = [det.is_anomalous(int(v), "attacked-client") for v in attacked]
+    assert not any(verdicts[:7]) and all(verdicts[12:])
+    assert "average" in verdicts[-1] and "clean mean" in verdicts[-1]
+
+
 def test_fair_executor_round_robin_and_priority() -> None:
     ex = FairExecutor(workers=1)
     gate = threading.Event()
