@@ -195,14 +195,17 @@ class SplitInferenceService:
 
         checksum = req.index_checksum if self.limits.prior == "mshp" else None
         t_dec = time.perf_counter()
+        fut: futures.Future | None = None
         try:
-            y_hat = self.decoders.submit(client, self.runner.codec.decode, req.stream, checksum,
-                                         priority=priority).result(timeout=remaining())
+            fut = self.decoders.submit(client, self.runner.codec.decode, req.stream, checksum, priority=priority)
+            y_hat = fut.result(timeout=remaining())
         except IndexMismatchError as exc:
             raise RequestError(grpc.StatusCode.DATA_LOSS, f"index_checksum: {exc}") from exc
         except CodecError as exc:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"stream does not decode: {exc}") from exc
-        except futures.TimeoutError:
+        except (futures.TimeoutError, RequestError):
+            if fut is not None:
+                fut.cancel()  # still queued: a worker will skip it instead of decoding for nobody
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while decoding") from None
         except OverflowError:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "server busy: decode queue is full",
@@ -210,11 +213,15 @@ class SplitInferenceService:
         decode_ms = (time.perf_counter() - t_dec) * 1000
         if not np.isfinite(y_hat).all():
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "stream decodes to non-finite latent values")
+        fut = None
         try:
-            result = self.batcher.submit(y_hat).result(timeout=remaining())
+            fut = self.batcher.submit(y_hat)
+            result = fut.result(timeout=remaining())
         except OverflowError:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "server busy: tail queue is full") from None
-        except futures.TimeoutError:
+        except (futures.TimeoutError, RequestError):
+            if fut is not None:
+                fut.cancel()
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded waiting for the tail") from None
         k = req.top_k or min(self.cfg.default_top_k, self.limits.num_classes)
         order = np.argsort(-result.probabilities)[:k]

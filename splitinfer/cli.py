@@ -383,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_flag(rl)
     rl.set_defaults(func=_cmd_relay)
 
+    from splitinfer.resilience_cli import add_commands as add_resilience_commands
+
+    add_resilience_commands(sub)  # attack, corrupt, campaign
+
     lt = sub.add_parser("loadtest", help="virtual edge clients replaying clean/attacked/defended streams",
                         description="Drive servers with virtual edge clients (asyncio) that replay pre-encoded "
                         "streams: Poisson arrivals, bounded in time, round-robin over the servers, honouring the "

@@ -77,6 +77,14 @@ def test_fair_executor_round_robin_and_priority() -> None:
         f.result(5)
     assert order.index("polite") <= 1, order  # not behind the greedy client's ten
     assert order[-1] == "low"  # deprioritised work runs when nothing else waits
+    gate2 = threading.Event()
+    ex.submit("block", gate2.wait)
+    stale = ex.submit("late", order.append, "stale")
+    assert stale.cancel()  # its request gave up (deadline): the worker must not run it
+    done = ex.submit("late", order.append, "fresh")
+    gate2.set()
+    done.result(5)
+    assert "stale" not in order and order[-1] == "fresh"
     ex.shutdown()
 
 
