@@ -37,6 +37,8 @@ def cases(args: argparse.Namespace) -> list[dict]:
          "server": []},
         {"case": "b", "what": f"+ {na} entropy-attacked clients (ε={args.eps}/255), no protection", **both,
          "mix": mix_att, "server": []},
+        {"case": "b0", "what": f"for reference: {nc + na} clean clients (as many clients as (b), no attack)",
+         **both, "mix": "clean=1", "server": []},
         {"case": "c1", "what": "as (b), server protection: anomaly policy reject + per-client byte budget", **both,
          "mix": mix_att, "server": protect},
         {"case": "c2", "what": "as (b), the attacked clients run the edge defense (object-aware TV)", **both,

@@ -174,6 +174,14 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_link(args: argparse.Namespace) -> int:
+    from splitinfer.netlink import run_pair
+
+    if args.rate_kbit <= 0:
+        raise ValueError("--rate-kbit must be positive")
+    return run_pair(args.rate_kbit, args.server_cmd, args.client_cmd, args.port, args.timeout)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from splitinfer.demo import DemoConfig, run_demo
 
@@ -417,6 +425,18 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--out", default=None, help="folder for loadtest.json and loadtest.png")
     _config_flag(lt)
     lt.set_defaults(func=_cmd_loadtest)
+
+    ln = sub.add_parser("link", help="run a server and a client on either side of a bandwidth-limited link",
+                        description="Build two network namespaces joined by a veth pair shaped with tbf (root "
+                        "needed), start --server-cmd in one (reachable at 10.231.0.1), wait for --port, run "
+                        "--client-cmd in the other, tear everything down; exit with the client's status.")
+    ln.add_argument("--rate-kbit", type=float, required=True, help="link rate, each direction")
+    ln.add_argument("--server-cmd", required=True, help="e.g. 'splitinfer serve --insecure --host 10.231.0.1'")
+    ln.add_argument("--client-cmd", required=True, help="e.g. 'splitinfer loadtest --insecure --server "
+                    "10.231.0.1:50051 --duration 30'")
+    ln.add_argument("--port", type=int, default=50051, help="server port to wait for")
+    ln.add_argument("--timeout", type=float, default=3600, help="longest client run in seconds")
+    ln.set_defaults(func=_cmd_link)
 
     dm = sub.add_parser("demo", help="one-command demo: server, monitor and relay on loopback; clean, attacked, "
                         "defended and corrupted images; table + HTML report",

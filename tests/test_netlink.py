@@ -56,3 +56,15 @@ def test_teardown_after_an_error() -> None:
         raise RuntimeError("boom")
     assert all(p.poll() is not None for p in link.procs)
     assert not any(n in _namespaces() for n in link.namespaces.values())
+
+
+def test_link_command_runs_server_and_client_across() -> None:
+    from splitinfer.cli import main
+
+    server = f"{sys.executable} -m http.server 8765 --bind {SERVER_IP}"
+    fetch = f"import urllib.request; urllib.request.urlopen('http://{SERVER_IP}:8765/', timeout=10)"
+    ok = f'{sys.executable} -c "{fetch}"'
+    assert main(["link", "--rate-kbit", "1000", "--port", "8765", "--server-cmd", server, "--client-cmd", ok]) == 0
+    fail = f"{sys.executable} -c \"raise SystemExit(7)\""
+    assert main(["link", "--rate-kbit", "1000", "--port", "8765", "--server-cmd", server, "--client-cmd", fail]) == 7
+    assert "-srv" not in _namespaces()
