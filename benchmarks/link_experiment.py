@@ -89,7 +89,8 @@ def main() -> int:
     from splitinfer.loadtest import prepare_streams
 
     prepare_streams(["clean", f"attack:entropy_pgd:{args.eps}", "defended:object_tv"], args.checkpoint)
-    results = {}
+    previous = out / "results.json"
+    results = json.loads(previous.read_text())["cases"] if args.only and previous.exists() else {}
     for case in cases(args):
         if args.only and case["case"] not in args.only.split(","):
             continue
@@ -101,6 +102,7 @@ def main() -> int:
         print(f"case {case['case']}: clean p50/p95/p99 {clean['latency_ms']['p50']:.0f}/"
               f"{clean['latency_ms']['p95']:.0f}/{clean['latency_ms']['p99']:.0f} ms, ok {clean['ok']}/"
               f"{clean['sent']}, errors {clean['errors']} ({time.time() - t0:.0f} s)", flush=True)
+    results = {name: results[name] for name in [c["case"] for c in cases(args)] if name in results}
     doc = {"args": vars(args), "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                                                         text=True).stdout.strip(), "cases": results}
     tmp = out / "results.json.tmp"
