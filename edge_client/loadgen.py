@@ -46,6 +46,7 @@ class LoadConfig:
     honor_backoff: bool = True
     client_prefix: str = "load"
     client_tags: list[str] | None = None  # explicit tag per client (overrides mix)
+    warmup: float = 0.0  # seconds at the start whose requests count everywhere but in the latency percentiles
 
 
 def parse_mix(text: str) -> dict[str, float]:
@@ -132,7 +133,8 @@ class LoadRun:
             out[tag] = ",".join(f"127.0.0.1:{r.port}" for r in relays)
         return out
 
-    async def _client(self, index: int, tag: str, target: str, start: float, stop_at: float) -> None:
+    async def _client(self, index: int, tag: str, target: str, start: float, stop_at: float,
+                      channels: list[grpc.aio.Channel]) -> None:
         cfg = self.cfg
         rng = random.Random(cfg.seed * 1_000_003 + index)
         rate = cfg.rate / len(self.tags)
@@ -148,6 +150,7 @@ class LoadRun:
             if cfg.security.server_name:
                 opts.append(("grpc.ssl_target_name_override", cfg.security.server_name))
             channel = grpc.aio.secure_channel(target, creds, options=opts)
+        channels.append(channel)  # closed once every client is done, so closing never delays others' replies
         call = channel.unary_unary(INFER, request_serializer=None, response_deserializer=pb.InferReply.FromString)
         metadata = cfg.security.metadata()
         client_id = f"{cfg.client_prefix}-{index}"
@@ -169,26 +172,23 @@ class LoadRun:
                         backoff_until = max(backoff_until, loop.time() + int(advice) / 1000)
             self.samples.append(Sample(tag, index, t0 - start, (loop.time() - t0) * 1000, status, len(raw)))
 
-        try:
-            t = start + rng.expovariate(rate)
-            k = rng.randrange(len(streams))
-            while t < stop_at:
-                await asyncio.sleep(max(0.0, t - loop.time()))
-                if loop.time() < backoff_until:
-                    self.skipped[(tag, "backoff")] += 1
-                elif len(in_flight) >= cfg.max_in_flight:
-                    self.skipped[(tag, "backlog")] += 1
-                else:
-                    raw = with_ids(streams[k % len(streams)], uuid.uuid4().hex, client_id)
-                    task = asyncio.create_task(send(raw))
-                    in_flight.add(task)
-                    task.add_done_callback(in_flight.discard)
-                    k += 1
-                t += rng.expovariate(rate)
-            if in_flight:
-                await asyncio.wait(in_flight, timeout=cfg.timeout + 5)
-        finally:
-            await channel.close()
+        t = start + rng.expovariate(rate)
+        k = rng.randrange(len(streams))
+        while t < stop_at:
+            await asyncio.sleep(max(0.0, t - loop.time()))
+            if loop.time() < backoff_until:
+                self.skipped[(tag, "backoff")] += 1
+            elif len(in_flight) >= cfg.max_in_flight:
+                self.skipped[(tag, "backlog")] += 1
+            else:
+                raw = with_ids(streams[k % len(streams)], uuid.uuid4().hex, client_id)
+                task = asyncio.create_task(send(raw))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+                k += 1
+            t += rng.expovariate(rate)
+        if in_flight:
+            await asyncio.wait(in_flight, timeout=cfg.timeout + 5)
 
     async def run_async(self) -> dict:
         targets = self._targets()
@@ -196,10 +196,12 @@ class LoadRun:
         start = loop.time() + 0.2
         stop_at = start + self.cfg.duration
         t_wall = time.time()
+        channels: list[grpc.aio.Channel] = []
         try:
-            await asyncio.gather(*(self._client(i, tag, targets[tag], start, stop_at)
+            await asyncio.gather(*(self._client(i, tag, targets[tag], start, stop_at, channels)
                                    for i, tag in enumerate(self.tags)))
         finally:
+            await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
             for relays in self.relays.values():
                 for r in relays:
                     r.stop()
@@ -215,7 +217,7 @@ class LoadRun:
             by_tag[s.tag].append(s)
 
         def figures(samples: list[Sample], tags: list[str]) -> dict:
-            ok = [s.latency_ms for s in samples if s.status == "OK"]
+            ok = [s.latency_ms for s in samples if s.status == "OK" and s.sent_at >= self.cfg.warmup]
             errors = Counter(s.status for s in samples if s.status != "OK")
             tcp = sum(r.totals()["bytes_up"] for t in tags for r in self.relays.get(t, []))
             lat = np.asarray(ok) if ok else None
@@ -236,6 +238,7 @@ class LoadRun:
         tags = sorted(set(self.tags))
         return {"config": {"servers": self.cfg.servers, "clients": len(self.tags), "rate": self.cfg.rate,
                            "duration_s": d, "timeout_s": self.cfg.timeout, "mix": dict(Counter(self.tags)),
+                           "latency_excludes_first_s": self.cfg.warmup,
                            "started": started},
                 "tags": {t: figures(by_tag[t], [t]) for t in tags},
                 "overall": figures(self.samples, tags),

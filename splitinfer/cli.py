@@ -95,7 +95,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                                tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                                insecure=args.insecure, tokens=args.tokens,
                                budget_bytes_per_s=args.budget_bytes_per_s, budget_burst_bytes=args.budget_burst_bytes,
-                               anomaly_policy=args.anomaly_policy))
+                               anomaly_policy=args.anomaly_policy, anomaly_backoff_ms=args.anomaly_backoff_ms))
     return 0
 
 
@@ -157,7 +157,7 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
     check_servers(servers, info, security)
     cfg = LoadConfig(servers=servers, clients=args.clients, mix=mix, rate=args.rate, duration=args.duration,
                      timeout=args.timeout, seed=args.seed, security=security, measure_tcp=not args.no_relay,
-                     honor_backoff=not args.ignore_backoff)
+                     honor_backoff=not args.ignore_backoff, warmup=args.warmup)
     run = LoadRun(cfg, streams)
     if not args.json:
         print(f"load: {len(run.tags)} clients {dict(sorted(cfg.mix.items()))} at {cfg.rate:g} req/s for "
@@ -368,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--anomaly-policy", default="off", choices=["off", "flag", "deprioritize", "reject"],
                     help="streams above the clean size distribution (p99.5 of the model's own clean streams + 10%%): "
                     "flag them, decode them last, or refuse them with PERMISSION_DENIED (default off)")
+    sv.add_argument("--anomaly-backoff-ms", type=int, default=1000,
+                    help="retry-after advised to a client whose request was refused as anomalous (default 1000)")
     _config_flag(sv)
     sv.set_defaults(func=_cmd_serve)
 
@@ -409,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--duration", type=float, default=10.0, help="seconds of load (default 10, at most 3600)")
     lt.add_argument("--timeout", type=float, default=5.0, help="per-request deadline in seconds")
     lt.add_argument("--seed", type=int, default=0)
+    lt.add_argument("--warmup", type=float, default=0.0, help="seconds at the start left out of the latency "
+                    "percentiles (their requests are still sent and counted)")
     lt.add_argument("--checkpoint", default="default-mshp", help="model the streams are coded with")
     lt.add_argument("--data", default=None, help="ImageFolder tree of source images (default: shared CIFAR-10 test "
                     "when present, else the package's sample images)")
