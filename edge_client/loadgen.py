@@ -217,16 +217,17 @@ class LoadRun:
             by_tag[s.tag].append(s)
 
         def figures(samples: list[Sample], tags: list[str]) -> dict:
-            ok = [s.latency_ms for s in samples if s.status == "OK" and s.sent_at >= self.cfg.warmup]
+            answered = [s for s in samples if s.status == "OK"]
+            ok = [s.latency_ms for s in answered if s.sent_at >= self.cfg.warmup]  # percentiles after warm-up
             errors = Counter(s.status for s in samples if s.status != "OK")
             tcp = sum(r.totals()["bytes_up"] for t in tags for r in self.relays.get(t, []))
             lat = np.asarray(ok) if ok else None
             return {
-                "clients": sum(1 for t in self.tags if t in tags), "sent": len(samples), "ok": len(ok),
+                "clients": sum(1 for t in self.tags if t in tags), "sent": len(samples), "ok": len(answered),
                 "errors": dict(sorted(errors.items())), "error_count": sum(errors.values()),
                 "skipped_backoff": sum(self.skipped[(t, "backoff")] for t in tags),
                 "skipped_backlog": sum(self.skipped[(t, "backlog")] for t in tags),
-                "requests_per_s": len(samples) / d, "ok_per_s": len(ok) / d,
+                "requests_per_s": len(samples) / d, "ok_per_s": len(answered) / d,
                 "latency_ms": None if lat is None else {
                     "p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)),
                     "p99": float(np.percentile(lat, 99)), "mean": float(lat.mean()), "max": float(lat.max())},

@@ -43,7 +43,7 @@ def streams():
 def test_loadtest_counts_are_consistent(servers: dict, streams) -> None:
     s, info = streams
     cfg = LoadConfig(servers=[f"127.0.0.1:{servers['fp'].port}"], clients=4,
-                     mix={"clean": 0.5, "attack:entropy_pgd:8": 0.5}, rate=60, duration=3, timeout=10)
+                     mix={"clean": 0.5, "attack:entropy_pgd:8": 0.5}, rate=60, duration=3, timeout=10, warmup=0.5)
     result = LoadRun(cfg, s).run()
     for f in [*result["tags"].values(), result["overall"]]:
         assert f["sent"] == f["ok"] + f["error_count"] and f["sent"] > 0
