@@ -4,16 +4,18 @@
 (onnxruntime) once on the incoming images, prices every quantized latent element with the codec's own CDF tables
 (:meth:`codec.model.CodecModel.element_bits`; for MSHP with the same fixed-point scale indexes the encoder uses),
 averages over channels, upsamples bilinearly to the image, min-max normalises per image, and runs masked TV
-denoising (same energy, same analytic gradient, same iteration as the torch version, in float32)::
+denoising with the same solver, energy, step sizes and defaults as the torch version, in float32: by default exact
+TV in an opponent colour space by primal-dual iterations (luminance weight 0.015, chroma weight 0.35), or with
+``solver="gd"`` the paper's gradient descent per RGB channel::
 
     E(u) = fidelity/2 * ||u - x||^2 + weight * sum mask * sqrt(dx^2 + dy^2 + tv_eps),   u <- clip(u - step*dE/du)
 
-The mask multiplies each pixel's TV term: smoothing goes where bits are spent. Per-element costs are capped at 16
-bits (the CDF precision, the most an in-table symbol costs; escaped symbols, which cost more in the real stream, are
-priced at the cap too). The torch version prices with the model's Gaussian at the coder's table scale (float means)
-and runs the head in eager torch instead of ONNX Runtime; both move the mask only slightly, and ``tv_eps`` is chosen
-so that the iteration is stable and small mask differences stay small in the output (see resilience.defenses and
-tests/test_resilience.py for the measured gap).
+(see ``resilience.defenses`` for both energies and the measurements behind the defaults). The mask multiplies each
+pixel's TV term: smoothing goes where bits are spent. Per-element costs are capped at 16 bits (the CDF precision,
+the most an in-table symbol costs; escaped symbols, which cost more in the real stream, are priced at the cap too).
+The torch version prices with the model's Gaussian at the coder's table scale (float means) and runs the head in
+eager torch instead of ONNX Runtime; both move the mask only slightly, and both solvers are stable, so small mask
+differences stay small in the output (see tests/test_resilience.py for the measured gap).
 
 Other defenses: "tv" (mask = 1), "bit_depth", "median" (numpy, reflect padding), "gaussian", "jpeg" (Pillow),
 "none". ``EdgeDefense.__call__`` takes uint8 NHWC or float NCHW [0, 1] images and returns float32 NCHW [0, 1].
@@ -30,6 +32,10 @@ import numpy as np
 
 TV_EPS = 1e-2
 MAX_ELEMENT_BITS = 16.0
+DEFAULT_SOLVER = "pd"  # these four must match resilience.defenses (a test checks)
+PD_WEIGHT = 0.015
+PD_CHROMA_WEIGHT = 0.35
+GD_WEIGHT = 0.1
 
 
 def to_nchw_float(images: np.ndarray) -> np.ndarray:
@@ -110,6 +116,97 @@ def masked_tv_denoise(x: np.ndarray, mask: np.ndarray | float = 1.0, weight: flo
     return u
 
 
+def _forward_diff(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    dx = np.zeros_like(u)
+    dy = np.zeros_like(u)
+    dx[..., :, :-1] = u[..., :, 1:] - u[..., :, :-1]
+    dy[..., :-1, :] = u[..., 1:, :] - u[..., :-1, :]
+    return dx, dy
+
+
+def _diff_adjoint(px: np.ndarray, py: np.ndarray) -> np.ndarray:
+    g = -px - py
+    g[..., :, 1:] += px[..., :, :-1]
+    g[..., 1:, :] += py[..., :-1, :]
+    return g
+
+
+OPPONENT = np.array([[1 / math.sqrt(3), 1 / math.sqrt(3), 1 / math.sqrt(3)],
+                     [1 / math.sqrt(2), -1 / math.sqrt(2), 0.0],
+                     [1 / math.sqrt(6), 1 / math.sqrt(6), -2 / math.sqrt(6)]], dtype=np.float32)
+
+
+def tv_settings(weight: float | None = None, chroma_weight: float | None = None, solver: str = DEFAULT_SOLVER,
+                color: str | None = None) -> dict:
+    """Effective TV settings, defaults filled in (identical rules to ``resilience.defenses.tv_settings``)."""
+    if solver not in ("pd", "gd"):
+        raise ValueError(f"solver must be 'pd' or 'gd', got {solver!r}")
+    color = color or ("opponent" if solver == "pd" else "rgb")
+    if color not in ("opponent", "rgb"):
+        raise ValueError(f"color must be 'opponent' or 'rgb', got {color!r}")
+    if solver == "gd" and (color != "rgb" or chroma_weight is not None):
+        raise ValueError("the gd solver smooths each RGB channel with one weight (color='rgb', no chroma_weight)")
+    if color == "rgb" and chroma_weight is not None:
+        raise ValueError("chroma_weight applies to color='opponent' only")
+    if weight is None:
+        weight = PD_WEIGHT if solver == "pd" else GD_WEIGHT
+    if color == "opponent" and chroma_weight is None:
+        chroma_weight = PD_CHROMA_WEIGHT
+    return {"solver": solver, "color": color, "weight": float(weight),
+            "chroma_weight": None if chroma_weight is None else float(chroma_weight)}
+
+
+def _mix(u: np.ndarray, m: np.ndarray) -> np.ndarray:
+    return np.einsum("dc,nchw->ndhw", m, u).astype(np.float32, copy=False)
+
+
+def masked_tv_primal_dual(x: np.ndarray, mask: np.ndarray | float = 1.0, weight: float = PD_WEIGHT,
+                          iters: int = 100, fidelity: float = 1.0, chroma_weight: float | None = PD_CHROMA_WEIGHT,
+                          color: str = "opponent") -> np.ndarray:
+    """Exact masked TV (no smoothing) in opponent colours (or per RGB channel) by accelerated Chambolle-Pock
+    iterations, float32 NCHW; the same formula, order and step sizes as
+    ``resilience.defenses.masked_tv_primal_dual`` (see there for why)."""
+    if fidelity <= 0:
+        raise ValueError(f"the primal-dual solver needs fidelity > 0, got {fidelity}")
+    x = np.asarray(x, dtype=np.float32)
+    if color == "opponent":
+        t: np.ndarray | None = OPPONENT
+        cw = weight if chroma_weight is None else chroma_weight
+        lam_c = np.array([weight, cw, cw], dtype=np.float32).reshape(1, 3, 1, 1)
+    elif color == "rgb":
+        t, lam_c = None, np.full((1, x.shape[1], 1, 1), weight, dtype=np.float32)
+    else:
+        raise ValueError(f"color must be 'opponent' or 'rgb', got {color!r}")
+    lam = np.maximum(lam_c * np.asarray(mask, dtype=np.float32), np.float32(1e-12))
+    tau = sigma = 1.0 / math.sqrt(8.0)
+    u, ub = x.copy(), x.copy()
+    px, py = np.zeros_like(x), np.zeros_like(x)
+    for _ in range(iters):
+        dx, dy = _forward_diff(ub if t is None else _mix(ub, t))
+        px, py = px + np.float32(sigma) * dx, py + np.float32(sigma) * dy
+        scale = np.maximum(np.sqrt(px * px + py * py) / lam, np.float32(1.0))
+        px, py = px / scale, py / scale
+        kt_p = _diff_adjoint(px, py) if t is None else _mix(_diff_adjoint(px, py), t.T)
+        tf = np.float32(tau * fidelity)
+        u_new = np.clip((u - np.float32(tau) * kt_p + tf * x) / (np.float32(1.0) + tf), 0.0, 1.0)
+        theta = 1.0 / math.sqrt(1.0 + 2.0 * fidelity * tau)
+        tau, sigma = tau * theta, sigma / theta
+        ub = u_new + np.float32(theta) * (u_new - u)
+        u = u_new
+    return u.astype(np.float32, copy=False)
+
+
+def masked_tv(x: np.ndarray, mask: np.ndarray | float = 1.0, weight: float | None = None, step: float = 0.15,
+              iters: int = 100, fidelity: float = 1.0, tv_eps: float = TV_EPS, solver: str = DEFAULT_SOLVER,
+              chroma_weight: float | None = None, color: str | None = None) -> np.ndarray:
+    """Masked TV denoising by ``solver``: "pd" (exact TV in opponent colours, the default) or "gd" (the paper's
+    gradient descent per RGB channel); defaults as ``tv_settings``."""
+    st = tv_settings(weight, chroma_weight, solver, color)
+    if st["solver"] == "pd":
+        return masked_tv_primal_dual(x, mask, st["weight"], iters, fidelity, st["chroma_weight"], st["color"])
+    return masked_tv_denoise(x, mask, st["weight"], step, iters, fidelity, tv_eps)
+
+
 def bit_depth(x: np.ndarray, bits: int = 4) -> np.ndarray:
     levels = np.float32(2**int(bits) - 1)
     return (np.round(np.clip(x, 0, 1) * levels) / levels).astype(np.float32)
@@ -165,10 +262,12 @@ class EdgeDefense:
             raise ValueError(f"unknown edge defense {name!r}; known: {', '.join(self.NAMES)}")
         if name == "object_tv" and encoder is None:
             raise ValueError("object_tv needs the edge encoder (its head and codec price the latent)")
+        if name in ("object_tv", "tv"):  # fail at construction, not on the first image
+            tv_settings(**{k: params[k] for k in ("weight", "chroma_weight", "solver", "color") if k in params})
         self.encoder, self.name, self.params = encoder, name, params
         self._fn: Callable[[np.ndarray], np.ndarray] = {
-            "object_tv": lambda x: masked_tv_denoise(x, self.mask(x), **params),
-            "tv": lambda x: masked_tv_denoise(x, 1.0, **params),
+            "object_tv": lambda x: masked_tv(x, self.mask(x), **params),
+            "tv": lambda x: masked_tv(x, 1.0, **params),
             "bit_depth": lambda x: bit_depth(x, **params),
             "median": lambda x: median_filter(x, **params),
             "gaussian": lambda x: gaussian_blur(x, **params),

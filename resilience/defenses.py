@@ -6,24 +6,60 @@ denoising with a fidelity term to the input, and encode the result. An attack ad
 entropy model pays for in bits; TV removes such energy, and the mask spends the smoothing where bits are spent.
 
 How the mask enters (a choice, documented here and in the edge twin): the TV term of every pixel is multiplied by the
-mask in [0, 1], so pixels whose latent cells cost the most bits (mask ~1) get the full regularisation ``weight`` and
-the cheapest ones (mask ~0) are only held by the fidelity term, i.e. left as they are. Energy minimised::
+mask in [0, 1] (per-image min-max normalised bits), so pixels whose latent cells cost the most bits (mask ~1) get the
+full regularisation and the cheapest ones (mask ~0) are only held by the fidelity term, i.e. left as they are.
 
-    E(u) = fidelity/2 * ||u - x||^2 + weight * sum_{c,i,j} mask_ij * sqrt(dx_cij^2 + dy_cij^2 + tv_eps)
+Two solvers (``masked_tv``):
 
-(forward differences, zero across the last row/column; isotropic per colour channel), by projected gradient
-descent from u = x: ``u <- clip(u - step * dE/du, 0, 1)``. The gradient is written out analytically (not autograd)
-so that the numpy edge version computes exactly the same formula. Unlike the reference code, the fidelity term is
-live: its gradient ``fidelity * (u - x)`` uses the *original* input, not an alias of the iterate.
+* ``solver="gd"`` -- the paper's iteration: projected gradient descent, ``u <- clip(u - step * dE/du, 0, 1)`` from
+  u = x, on the smoothed energy per RGB channel::
 
-Why ``tv_eps = 1e-2`` (not the 1e-6 of textbook smoothed TV): the energy's gradient is Lipschitz with constant
-``L <= fidelity + 8 * weight / sqrt(tv_eps)``, and gradient descent is stable only for ``step * L < 2``. With the
-paper's weight 0.1 and step 0.15, tv_eps = 1e-6 gives step * L ~ 120: the iterate oscillates by up to ~step*weight
-per pixel and tiny input differences are amplified (measured: numpy vs torch with the *same* mask differ by up to
-7/255, and a 2% mask change moves pixels by 12/255). tv_eps = 1e-2 gives step * L = 1.35: the iteration converges,
-differences stay proportional (2% mask change -> < 1/255), at the price of a milder defense (ε = 8/255 entropy attack
-on the MSHP model: 317 -> 289 B/image real, against -> 282 B at 1e-6). Differences below ~0.1 in intensity are smoothed
-quadratically (Huber-like), larger edges in TV fashion. Pass ``tv_eps`` to change it.
+      E(u) = fidelity/2 * ||u - x||^2 + weight * sum_{c,i,j} mask_ij * sqrt(dx_cij^2 + dy_cij^2 + tv_eps)
+
+  (forward differences, zero across the last row/column), gradient written out analytically so that the numpy edge
+  version computes the same formula. Unlike the reference code, the fidelity term is live: its gradient
+  ``fidelity * (u - x)`` uses the *original* input, not an alias of the iterate. ``tv_eps = 1e-2`` (not 1e-6): the
+  gradient is Lipschitz with ``L <= fidelity + 8 * weight / sqrt(tv_eps)`` and descent is stable only for
+  ``step * L < 2``; at 1e-6, step*L ~ 120 and the iterate oscillates (numpy vs torch with the same mask differed by
+  7/255). The price: every difference below sqrt(tv_eps) = 0.1 is smoothed quadratically, i.e. *blurred*.
+* ``solver="pd"`` (the default) -- the EXACT masked TV energy (no tv_eps), minimised by accelerated primal-dual
+  (Chambolle-Pock) iterations, and measured in an orthonormal opponent colour space (``OPPONENT``: luminance,
+  red-green, yellow-blue) with its own weight for luminance (``weight``) and for chroma (``chroma_weight``)::
+
+      E(u) = fidelity/2 * ||u - x||^2 + sum_k lambda_k * sum_ij mask_ij * |grad (T u)_kij|,  lambda = (w, wc, wc)
+
+  ``color="rgb"`` gives the paper's per-RGB-channel TV, solved exactly.
+
+Why the defaults changed (tuning for the issue's target on ``default-mshp``, ε = 4/255 entropy PGD, 20 steps,
+EOT 16; real coded bytes; CIFAR-10 test, 100 images per class; clean: 225.1 B, 87.0% top-1; attacked: 261.4 B
+(+16%), 84.3%). Defended attacked bytes / top-1 on 1,000 images:
+
+  ===========================================  =========  =======  ============================
+  defense (100 iterations)                     bytes      top-1    clean input + defense
+  ===========================================  =========  =======  ============================
+  gd, rgb, weight 0.1 (the paper's; old dflt)  237.2 B    83.9%    207.1 B, 82.8%
+  pd, rgb, weight 0.08                         231.3 B    81.8%    204.7 B, 81.2%
+  pd, rgb, weight 0.1                          226.3 B    80.4%    201.2 B, 79.4%
+  pd, rgb, weight 0.12                         222.0 B    78.3%    198.4 B, 76.6%
+  pd, opponent, 0.01 / chroma 0.25             226.1 B    84.6%    212.8 B, 86.0%
+  pd, opponent, 0.02 / chroma 0.25             223.4 B    84.5%    210.9 B, 85.1%
+  pd, opponent, 0.015 / chroma 0.35 (DEFAULT)  221.4 B    84.5%    210.3 B, 85.8%
+  pd, opponent, 0.03 / chroma 0.3              219.1 B    84.1%    208.1 B, 85.2%
+  pd, opponent, 0.02 / chroma 0.5              217.1 B    84.2%    207.5 B, 84.5%
+  pd, opponent, 0.03 / chroma 0.5              214.6 B    84.3%    205.6 B, 84.5%
+  pd, opponent, 0.02 / chroma 1.0              212.0 B    83.6%    204.3 B, 83.4%
+  ===========================================  =========  =======  ============================
+
+Per-RGB-channel TV (either solver) trades about 3.5 B per accuracy point and reaches the clean byte count only at
+~80% top-1 (on 200 images, plain-TV, inverse-mask, power-mask and absolute-bits masks and a TV-L1 fidelity were no
+better). Smoothing chroma strongly and luminance lightly removes most of the attack's extra bytes (the perturbation
+is largely independent per colour channel, i.e. chromatic) at little accuracy cost: the default takes attacked
+inputs 1.6% *below* the clean byte count and costs clean inputs 1.2 points (it runs on every input). What no setting
+did is undo the accuracy the attack itself took (84.3% undefended): defended attacked inputs stay ~2.5-3 points under
+clean accuracy for every setting tried, so the issue's "within 2 points" is missed by ~0.5 point. The default sits
+where attacked bytes are safely under the clean mean and clean inputs lose least. Min-max mask normalisation was kept
+(the mask variants above were no better).
+The primal-dual iteration is non-expansive: numpy and torch agree to ~1e-4/255 with the same mask.
 
 All functions take and return float NCHW tensors in [0, 1]; they never need gradients (attacks use BPDA).
 """
@@ -46,6 +82,10 @@ from .attacks import frozen_eval, latent_bits
 
 TV_EPS = 1e-2
 MAX_ELEMENT_BITS = 16.0  # the coder's CDF precision: the most an in-table symbol can cost (both masks cap here)
+DEFAULT_SOLVER = "pd"  # exact TV by primal-dual iterations; "gd" is the paper's gradient descent (module doc)
+PD_WEIGHT = 0.015  # luminance TV weight of the primal-dual defense, tuned: see the module doc
+PD_CHROMA_WEIGHT = 0.35  # chroma TV weight (opponent colour space), tuned likewise
+GD_WEIGHT = 0.1  # the paper's regularisation
 
 
 def normalize_map(m: torch.Tensor) -> torch.Tensor:
@@ -128,19 +168,123 @@ def masked_tv_denoise(x: torch.Tensor, mask: torch.Tensor | float = 1.0, weight:
     return u
 
 
-def object_aware_tv(model: nn.Module, x: torch.Tensor, weight: float = 0.1, step: float = 0.15, iters: int = 100,
-                    fidelity: float = 1.0, tv_eps: float = TV_EPS, pricing: str = "model",
-                    codec: CodecModel | None = None) -> torch.Tensor:
-    """The paper's defense: ``masked_tv_denoise`` with the input's own ``likelihood_mask`` (one extra head pass).
-    ``pricing="codec"`` reproduces the edge's numpy defense (``edge_client.defense``) up to runtime rounding."""
+def _forward_diff(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return F.pad(u[..., :, 1:] - u[..., :, :-1], (0, 1)), F.pad(u[..., 1:, :] - u[..., :-1, :], (0, 0, 0, 1))
+
+
+def _diff_adjoint(px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
+    """K^T p for K = forward differences (zero across the last column/row): minus the divergence of p."""
+    return F.pad(px[..., :, :-1], (1, 0)) - px + F.pad(py[..., :-1, :], (0, 0, 1, 0)) - py
+
+
+# Orthonormal opponent colour transform (rows: luminance, red-green, yellow-blue). Orthonormal, so the primal-dual
+# step sizes for ||grad o T|| = ||grad|| still hold and T^T is its inverse.
+OPPONENT = np.array([[1 / math.sqrt(3), 1 / math.sqrt(3), 1 / math.sqrt(3)],
+                     [1 / math.sqrt(2), -1 / math.sqrt(2), 0.0],
+                     [1 / math.sqrt(6), 1 / math.sqrt(6), -2 / math.sqrt(6)]], dtype=np.float32)
+
+
+def tv_settings(weight: float | None = None, chroma_weight: float | None = None, solver: str = DEFAULT_SOLVER,
+                color: str | None = None) -> dict:
+    """The TV defense's effective settings, defaults filled in (shared by the torch and numpy versions and by
+    campaign cache keys): "pd" works in the opponent colour space by default (luminance ``weight``, chroma
+    ``chroma_weight``); "gd" (the paper's iteration) works per RGB channel with one ``weight``."""
+    if solver not in ("pd", "gd"):
+        raise ValueError(f"solver must be 'pd' or 'gd', got {solver!r}")
+    color = color or ("opponent" if solver == "pd" else "rgb")
+    if color not in ("opponent", "rgb"):
+        raise ValueError(f"color must be 'opponent' or 'rgb', got {color!r}")
+    if solver == "gd" and (color != "rgb" or chroma_weight is not None):
+        raise ValueError("the gd solver smooths each RGB channel with one weight (color='rgb', no chroma_weight)")
+    if color == "rgb" and chroma_weight is not None:
+        raise ValueError("chroma_weight applies to color='opponent' only")
+    if weight is None:
+        weight = PD_WEIGHT if solver == "pd" else GD_WEIGHT
+    if color == "opponent" and chroma_weight is None:
+        chroma_weight = PD_CHROMA_WEIGHT
+    return {"solver": solver, "color": color, "weight": float(weight),
+            "chroma_weight": None if chroma_weight is None else float(chroma_weight)}
+
+
+def _mix(u: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("dc,nchw->ndhw", m, u)
+
+
+@torch.no_grad()
+def masked_tv_primal_dual(x: torch.Tensor, mask: torch.Tensor | float = 1.0, weight: float = PD_WEIGHT,
+                          iters: int = 100, fidelity: float = 1.0, chroma_weight: float | None = PD_CHROMA_WEIGHT,
+                          color: str = "opponent") -> torch.Tensor:
+    """Minimise the EXACT (unsmoothed) masked TV energy with the accelerated primal-dual method of Chambolle & Pock
+    (2011, Alg. 2; the energy is ``fidelity``-strongly convex), u in [0, 1] (RGB)::
+
+        E(u) = fidelity/2 * ||u - x||^2 + sum_k lambda_k * sum_ij mask_ij * |grad (T u)_kij|    (isotropic per k)
+
+    ``color="opponent"``: T is the orthonormal opponent transform ``OPPONENT`` and lambda = (weight, chroma_weight,
+    chroma_weight) for luminance and the two chroma channels; ``color="rgb"``: T = identity, lambda = weight for
+    each RGB channel (the paper's per-channel TV, solved exactly). Why (module doc): exact TV keeps edges that the
+    tv_eps-smoothed energy blurs, and the perturbation lives largely in chroma, which the classifier barely needs.
+    The iteration converges in ~100 steps (energy within ~0.3% of 400 steps) and is non-expansive, so small input
+    or mask differences (numpy edge vs torch) stay small. Steps tau = sigma = 1/sqrt(8) (||grad o T||^2 <= 8)."""
+    if fidelity <= 0:
+        raise ValueError(f"the primal-dual solver needs fidelity > 0, got {fidelity}")
+    x = x.detach()
+    if color == "opponent":
+        t = torch.from_numpy(OPPONENT).to(dtype=x.dtype, device=x.device)
+        cw = weight if chroma_weight is None else chroma_weight
+        lam_c = torch.tensor([weight, cw, cw], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    elif color == "rgb":
+        t, lam_c = None, torch.full((1, x.shape[1], 1, 1), float(weight), dtype=x.dtype, device=x.device)
+    else:
+        raise ValueError(f"color must be 'opponent' or 'rgb', got {color!r}")
+    lam = (lam_c * torch.as_tensor(mask, dtype=x.dtype, device=x.device)).clamp_min(1e-12)
+    tau = sigma = 1.0 / math.sqrt(8.0)
+    u, ub = x.clone(), x.clone()
+    px, py = torch.zeros_like(x), torch.zeros_like(x)
+    for _ in range(iters):
+        dx, dy = _forward_diff(ub if t is None else _mix(ub, t))
+        px, py = px + sigma * dx, py + sigma * dy
+        scale = torch.clamp(torch.sqrt(px * px + py * py) / lam, min=1.0)  # project onto |p_kij| <= lambda_kij
+        px, py = px / scale, py / scale
+        kt_p = _diff_adjoint(px, py) if t is None else _mix(_diff_adjoint(px, py), t.T)
+        u_new = ((u - tau * kt_p + (tau * fidelity) * x) / (1.0 + tau * fidelity)).clamp(0.0, 1.0)
+        theta = 1.0 / math.sqrt(1.0 + 2.0 * fidelity * tau)
+        tau, sigma = tau * theta, sigma / theta
+        ub = u_new + theta * (u_new - u)
+        u = u_new
+    return u
+
+
+def masked_tv(x: torch.Tensor, mask: torch.Tensor | float = 1.0, weight: float | None = None, step: float = 0.15,
+              iters: int = 100, fidelity: float = 1.0, tv_eps: float = TV_EPS, solver: str = DEFAULT_SOLVER,
+              chroma_weight: float | None = None, color: str | None = None) -> torch.Tensor:
+    """Masked TV denoising by ``solver`` (``tv_settings`` fills in the defaults): "pd" (exact TV, primal-dual,
+    opponent colours; the default) or "gd" (the paper's projected gradient descent on the tv_eps-smoothed energy,
+    per RGB channel; ``step``/``tv_eps`` apply to it only)."""
+    st = tv_settings(weight, chroma_weight, solver, color)
+    if st["solver"] == "pd":
+        return masked_tv_primal_dual(x, mask, st["weight"], iters, fidelity, st["chroma_weight"], st["color"])
+    return masked_tv_denoise(x, mask, st["weight"], step, iters, fidelity, tv_eps)
+
+
+def object_aware_tv(model: nn.Module, x: torch.Tensor, weight: float | None = None, step: float = 0.15,
+                    iters: int = 100, fidelity: float = 1.0, tv_eps: float = TV_EPS, pricing: str = "model",
+                    codec: CodecModel | None = None, solver: str = DEFAULT_SOLVER, chroma_weight: float | None = None,
+                    color: str | None = None) -> torch.Tensor:
+    """The paper's defense: masked TV denoising (``masked_tv``) with the input's own ``likelihood_mask`` (one extra
+    head pass). ``pricing="codec"`` reproduces the edge's numpy defense (``edge_client.defense``) up to runtime
+    rounding. Defaults: the tuned primal-dual solver in opponent colours (``PD_WEIGHT`` on luminance,
+    ``PD_CHROMA_WEIGHT`` on chroma); ``solver="gd"`` (``GD_WEIGHT``, step 0.15, 100 iterations, per RGB channel)
+    is the paper's iteration."""
+    st = tv_settings(weight, chroma_weight, solver, color)  # validate before the head pass
     mask = likelihood_mask(model, x, pricing=pricing, codec=codec)
-    return masked_tv_denoise(x, mask, weight, step, iters, fidelity, tv_eps)
+    return masked_tv(x, mask, step=step, iters=iters, fidelity=fidelity, tv_eps=tv_eps, **st)
 
 
-def tv_denoise(x: torch.Tensor, weight: float = 0.1, step: float = 0.15, iters: int = 100, fidelity: float = 1.0,
-               tv_eps: float = TV_EPS) -> torch.Tensor:
+def tv_denoise(x: torch.Tensor, weight: float | None = None, step: float = 0.15, iters: int = 100,
+               fidelity: float = 1.0, tv_eps: float = TV_EPS, solver: str = DEFAULT_SOLVER,
+               chroma_weight: float | None = None, color: str | None = None) -> torch.Tensor:
     """Plain TV baseline: mask = 1 everywhere."""
-    return masked_tv_denoise(x, 1.0, weight, step, iters, fidelity, tv_eps)
+    return masked_tv(x, 1.0, weight, step, iters, fidelity, tv_eps, solver, chroma_weight, color)
 
 
 def jpeg_reencode(x: torch.Tensor, quality: int = 75) -> torch.Tensor:
