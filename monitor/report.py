@@ -49,11 +49,17 @@ def plot_bytes_by_tag(summary: dict) -> str:
     return _svg(fig)
 
 
-def plot_distribution(records: list[dict]) -> str:
+def _order(tags: set[str], order: list[str] | None) -> list[str]:
+    """The summary's tag order (as in the table and the bar plot), then any others alphabetically."""
+    first = [t for t in (order or []) if t in tags]
+    return first + sorted(tags - set(first))
+
+
+def plot_distribution(records: list[dict], order: list[str] | None = None) -> str:
     by_tag: dict[str, list[int]] = defaultdict(list)
     for r in records:
         by_tag[r["tag"] or "(untagged)"].append(r["message_bytes"])
-    tags = sorted(by_tag)
+    tags = _order(set(by_tag), order)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(tags) + 2), 3.6))
     if tags:
         ax.boxplot([by_tag[t] for t in tags], showfliers=False)
@@ -64,20 +70,20 @@ def plot_distribution(records: list[dict]) -> str:
     return _svg(fig)
 
 
-def plot_over_time(records: list[dict]) -> str:
+def plot_over_time(records: list[dict], order: list[str] | None = None) -> str:
     fig, ax = plt.subplots(figsize=(8.0, 3.2))
     by_tag: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         by_tag[r["tag"] or "(untagged)"].append(r)
     t0 = min((r["ts"] for r in records), default=0.0)
-    for tag in sorted(by_tag):
+    for tag in _order(set(by_tag), order):
         rs = by_tag[tag]
         ax.scatter([r["ts"] - t0 for r in rs], [r["message_bytes"] for r in rs], s=4, label=tag)
     ax.set_xlabel("seconds since the first record shown")
     ax.set_ylabel("message bytes")
     ax.set_title("Request sizes over time")
     if by_tag:
-        ax.legend(fontsize=7, markerscale=3, ncols=2)
+        ax.legend(fontsize=7, markerscale=3, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside, not on, the data
     ax.grid(alpha=0.3)
     return _svg(fig)
 
@@ -137,8 +143,8 @@ def render_page(summary: dict, records: list[dict], title: str, notes: list[str]
     body = [f"<h1>{html.escape(title)}</h1>", *(f"<p class='note'>{html.escape(n)}</p>" for n in (notes or [])),
             *(f"<p class='note'>{html.escape(f)}</p>" for f in facts), render_table(summary),
             "<figure id='plot-bytes-by-tag'>", plot_bytes_by_tag(summary), "</figure>",
-            "<figure id='plot-distribution'>", plot_distribution(records), "</figure>",
-            "<figure id='plot-over-time'>", plot_over_time(records), "</figure>"]
+            "<figure id='plot-distribution'>", plot_distribution(records, _tags(summary)), "</figure>",
+            "<figure id='plot-over-time'>", plot_over_time(records, _tags(summary)), "</figure>"]
     script = ""
     if refresh_s:
         script = (f"<script>setInterval(async()=>{{const r=await fetch(location.pathname+'?fragment=1');"
