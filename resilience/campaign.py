@@ -900,7 +900,7 @@ class Campaign:
         t_start = time.time()
         meta = {"name": self.cfg.name, "config": self.cfg.source, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "git_commit": git_commit(), "torch_threads": torch.get_num_threads(), "finished": False,
-                "resolved": _resolved(self.cfg)}
+                "resolved": _resolved(self.cfg), "previous_runs": _previous_runs(self.out / "campaign.json")}
         atomic_write_json(self.out / "campaign.json", meta)
         entries = self.models()
         rows: list[dict] = []
@@ -989,6 +989,18 @@ class Campaign:
             "input_seconds": round(input_seconds, 2), "defense_seconds": round(defense_seconds, 2),
             "seconds": round(time.time() - t0, 2), **attack_info,
         }
+
+
+def _previous_runs(path: Path) -> list[dict]:
+    """Earlier runs into the same folder (a resumed campaign keeps the first run's timing and commit)."""
+    if not path.exists():
+        return []
+    try:
+        prev = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    keep = ("started", "finished_at", "finished", "seconds", "stats", "git_commit", "torch_threads")
+    return [*prev.get("previous_runs", []), {k: prev.get(k) for k in keep}]
 
 
 def _resolved(cfg: CampaignConfig) -> dict:
@@ -1145,6 +1157,25 @@ def markdown_tables(rows: list[dict], cfg: CampaignConfig) -> str:
     return "\n".join(lines)
 
 
+def _model_styles(rows: list[dict], models: list[str], plt: Any) -> dict[str, dict]:
+    """Colours that stay readable for 24 models: one colour family per (arch, prior), darker for larger β;
+    dashed lines for MSHP. For a handful of models, plain tab10 colours."""
+    if len(models) <= 6:
+        cmap = plt.get_cmap("tab10")
+        return {m: {"color": cmap(i % 10), "ls": "-"} for i, m in enumerate(models)}
+    info = {r["model"]: (r.get("arch", ""), r.get("prior", ""), r.get("beta")) for r in rows}
+    groups = sorted({info[m][:2] for m in models})
+    maps = ["Blues", "Oranges", "Greens", "Purples", "Reds", "Greys", "YlOrBr", "BuGn", "RdPu"]
+    out = {}
+    for m in models:
+        arch, prior, beta = info[m]
+        peers = sorted({info[p][2] or 0.0 for p in models if info[p][:2] == (arch, prior)})
+        rank = peers.index(beta or 0.0) / max(len(peers) - 1, 1)
+        cmap = plt.get_cmap(maps[groups.index((arch, prior)) % len(maps)])
+        out[m] = {"color": cmap(0.45 + 0.5 * rank), "ls": "--" if prior == "mshp" else "-"}
+    return out
+
+
 def write_plots(rows: list[dict], folder: Path) -> dict[str, Path]:
     """PNG plots: bytes vs ε per attack, per-corruption Δ% heatmap, defense trade-off (bytes vs accuracy), and for
     campaigns over β, bytes vs β per family and prior."""
@@ -1159,7 +1190,8 @@ def write_plots(rows: list[dict], folder: Path) -> dict[str, Path]:
     clean = {r["model"]: r for r in rows if r["condition"] == "clean" and r["defense"] == "none"}
     attacks = list(dict.fromkeys(r["name"] for r in rows if r["condition"] == "attack"))
     many = len(models) > 6
-    cmap = plt.get_cmap("tab20" if many else "tab10")
+    cmap = plt.get_cmap("tab10")
+    styles = _model_styles(rows, models, plt)
 
     def save(fig, name: str) -> None:
         buf = io.BytesIO()
@@ -1169,16 +1201,16 @@ def write_plots(rows: list[dict], folder: Path) -> dict[str, Path]:
         files[name.removesuffix(".png")] = folder / name
 
     if attacks:
-        fig, axes = plt.subplots(2, len(attacks), figsize=(4.2 * len(attacks), 7), squeeze=False)
+        fig, axes = plt.subplots(2, len(attacks), figsize=(4.2 * len(attacks), 7), squeeze=False, sharey="row")
         for j, a in enumerate(attacks):
-            for i, m in enumerate(models):
+            for m in models:
                 pts = sorted((r["level"], r["bytes_mean"], r.get("delta_pct", 0.0)) for r in rows
                              if r["model"] == m and r["condition"] == "attack" and r["name"] == a
                              and r["defense"] == "none")
                 if not pts or m not in clean:
                     continue
                 xs = [0.0] + [p[0] for p in pts]
-                kw = {"color": cmap(i % cmap.N), "marker": "o", "ms": 3, "lw": 1.2, "label": m}
+                kw = {**styles[m], "marker": "o", "ms": 3, "lw": 1.2, "label": m}
                 axes[0, j].plot(xs, [clean[m]["bytes_mean"]] + [p[1] for p in pts], **kw)
                 axes[1, j].plot(xs, [0.0] + [p[2] for p in pts], **kw)
             axes[0, j].set_title(a)
@@ -1186,7 +1218,11 @@ def write_plots(rows: list[dict], folder: Path) -> dict[str, Path]:
             axes[1, j].set_ylabel("Δ% vs clean")
             axes[1, j].set_xlabel("ε (/255)")
             axes[1, j].axhline(0, color="grey", lw=0.6)
-        axes[0, 0].legend(fontsize=6 if many else 8, ncol=2 if many else 1)
+        if many:
+            fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5),
+                       fontsize=7, title="model (colour: family+prior, shade: β)", title_fontsize=7)
+        else:
+            axes[0, 0].legend(fontsize=8)
         fig.suptitle("Real coded bytes vs attack budget ε")
         save(fig, "bytes_vs_eps.png")
 
@@ -1212,13 +1248,14 @@ def write_plots(rows: list[dict], folder: Path) -> dict[str, Path]:
         ax.set_title("Corruptions: change in real coded bytes (severity below the name)")
         save(fig, "corruptions_delta.png")
 
-    defended = [r for r in rows if r["defense"] != "none"]
+    # accuracy attacks sit near 0% and would squash the axis; their cells stay in the tables
+    defended = [r for r in rows if r["defense"] != "none" and r["name"] != "accuracy_pgd"]
     if defended:
-        fig, ax = plt.subplots(figsize=(7, 5))
+        fig, ax = plt.subplots(figsize=(8, 5.5))
         undef = {(r["model"], r["condition"], r["name"], r["level"]): r for r in rows if r["defense"] == "none"}
         markers = {"clean": "o", "attack": "^", "corruption": "s"}
         for i, m in enumerate(models):
-            color = cmap(i % cmap.N)
+            color = styles[m]["color"]
             for r in defended:
                 if r["model"] != m:
                     continue
@@ -1232,15 +1269,20 @@ def write_plots(rows: list[dict], folder: Path) -> dict[str, Path]:
                            s=18, alpha=0.5)
                 ax.scatter([r["bytes_mean"]], [100 * r["accuracy"]], color=color, marker=markers[r["condition"]],
                            s=30, edgecolor="black", linewidth=0.5)
-                if not many:
-                    ax.text(r["bytes_mean"], 100 * r["accuracy"], f" {r['label']}", fontsize=6)
+                if len(models) <= 2:
+                    ax.annotate(r["label"].split("+")[0], (r["bytes_mean"], 100 * r["accuracy"]), fontsize=6,
+                                xytext=(3, -8 if i % 2 else 4), textcoords="offset points", color=color)
             if m in clean:
                 ax.scatter([clean[m]["bytes_mean"]], [100 * clean[m]["accuracy"]], color=color, marker="*", s=80,
                            label=m)
         ax.set_xlabel("real bytes / image")
         ax.set_ylabel("top-1 accuracy (%)")
-        ax.set_title("Defense trade-off: arrows from undefended to defended (★ clean)")
-        ax.legend(fontsize=6 if many else 8, ncol=2 if many else 1)
+        ax.set_title("Defense trade-off: arrows from undefended to defended input (★ clean; accuracy attack omitted)",
+                     fontsize=9)
+        if many:
+            ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7)
+        else:
+            ax.legend(fontsize=8)
         save(fig, "defense_tradeoff.png")
 
     betas = [r for r in rows if r["condition"] == "clean" and r["defense"] == "none" and r.get("beta") is not None]

@@ -23,7 +23,7 @@ CORRUPT_MANIFEST = "corrupt.json"
 # manifest fields that must match for a rerun to resume an existing output folder
 _ATTACK_IDENTITY = ("fingerprint", "attack", "eps", "steps", "eot", "alpha", "random_start", "seed", "batch",
                     "defense", "params", "source", "limit")
-_CORRUPT_IDENTITY = ("source", "limit", "seed")
+_CORRUPT_IDENTITY = ("source", "limit", "seed", "size")
 
 
 def _yaml_value(text: str) -> Any:
@@ -86,7 +86,8 @@ def _cmd_attack(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.data}: two source images map to the same PNG name (e.g. x.jpg and x.png)")
     manifest = {
         "tool": "splitinfer attack", "checkpoint": args.checkpoint, "fingerprint": man["fingerprint"],
-        "arch": man.get("arch"), "prior": man.get("prior"), "attack": args.attack, "eps": args.eps,
+        "arch": man.get("arch"), "prior": man.get("prior"), "size": model.spec.input_size,  # inputs resized to it
+        "attack": args.attack, "eps": args.eps,
         "eps_units": "1/255", "steps": kw.get("steps"), "eot": kw.get("eot_iter"), "alpha": args.alpha,
         "random_start": bool(args.random_start), "seed": args.seed, "batch": args.batch,
         "defense": kw.get("defense"), "defense_params": kw.get("defense_kw"), "params": params,

@@ -193,6 +193,32 @@ def test_campaign_cli_with_config_file(tmp_path: Path, capsys: pytest.CaptureFix
     assert res["computed"] == 0 and res["cached"] == 2
 
 
+def test_campaign_trains_its_models_resumably(tmp_path: Path) -> None:
+    """A train: block (family x priors x beta from an FP base model) on a class-balanced subset; a rerun trains
+    nothing and recomputes nothing."""
+    train = make_image_tree(tmp_path / "train", classes=4, per_class=40)
+    data = make_image_tree(tmp_path / "test", classes=4, per_class=1, seed=1)
+    raw = {"data": str(data), "images": 4, "threads": 1,
+           "train": {"data": str(train), "families": ["resnet_shallow"], "priors": ["fp", "mshp"], "betas": [0.5],
+                     "epochs": 1, "limit": 128, "batch_size": 64, "base": {"epochs": 1, "limit": 128}}}
+    out = tmp_path / "camp"
+    logs: list[str] = []
+    camp = C.Campaign(C.parse_config(raw), out, progress=False, log=logs.append)
+    rows = camp.run()
+    assert {(r["model"], r["prior"], r["beta"]) for r in rows} == {("resnet_shallow-fp-b0.5", "fp", 0.5),
+                                                                   ("resnet_shallow-mshp-b0.5", "mshp", 0.5)}
+    assert sum(m.startswith("trained ") for m in logs) == 3  # the FP base, then both priors
+    subset = out / "models" / "data" / "train-128-per-class"
+    assert sorted(len(list(d.iterdir())) for d in subset.iterdir()) == [32, 32, 32, 32]  # balanced, not class 0
+    ckpts = {p: p.stat().st_mtime_ns for p in (out / "models").glob("*.pt")}
+    assert len(ckpts) == 3
+    logs.clear()
+    again = C.Campaign(C.parse_config(raw), out, resume=True, progress=False, log=logs.append)
+    again.run()
+    assert not any(m.startswith("training") for m in logs) and again.stats["computed"] == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "models").glob("*.pt")} == ckpts
+
+
 @pytest.mark.parametrize("patch,message", [
     ({"modles": ["default-fp"]}, "config: unknown key(s) 'modles'"),
     ({"attacks": [{"name": "entropy_pgd", "eps": [8], "stpes": 3}]}, "attacks[0]: unknown key(s) 'stpes'"),
