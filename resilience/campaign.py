@@ -36,9 +36,12 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from models.data import ImageSet
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
@@ -129,7 +132,7 @@ def git_commit() -> str | None:
 
 
 # ==================================================================================================== images
-def load_images(data: str | os.PathLike, size: int, limit: int | None, per_class: bool = True):
+def load_images(data: str | os.PathLike, size: int, limit: int | None, per_class: bool = True) -> ImageSet:
     """An ImageSet (uint8 NHWC) from an ImageFolder tree; ``limit`` spread over the classes by default, so that a
     200-image cell still sees every class (``load_image_folder``'s plain limit takes the first classes only)."""
     from models.data import load_image_folder
