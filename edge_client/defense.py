@@ -32,7 +32,7 @@ import numpy as np
 
 TV_EPS = 1e-2
 MAX_ELEMENT_BITS = 16.0
-DEFAULT_SOLVER = "pd"  # these four must match resilience.defenses (a test checks)
+DEFAULT_SOLVER = "pd"  # the defense settings live here, shared by resilience.defenses (torch)
 PD_WEIGHT = 0.015
 PD_CHROMA_WEIGHT = 0.35
 GD_WEIGHT = 0.1

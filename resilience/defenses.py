@@ -77,15 +77,19 @@ from PIL import Image
 from torch import nn
 
 from codec.model import CodecModel
+from edge_client.defense import (  # one definition of the settings, shared with the torch-free edge
+    DEFAULT_SOLVER,
+    GD_WEIGHT,  # noqa: F401 - re-exported: part of this module's settings API
+    OPPONENT,
+    PD_CHROMA_WEIGHT,
+    PD_WEIGHT,
+    tv_settings,
+)
 
 from .attacks import frozen_eval, latent_bits
 
 TV_EPS = 1e-2
 MAX_ELEMENT_BITS = 16.0  # the coder's CDF precision: the most an in-table symbol can cost (both masks cap here)
-DEFAULT_SOLVER = "pd"  # exact TV by primal-dual iterations; "gd" is the paper's gradient descent (module doc)
-PD_WEIGHT = 0.015  # luminance TV weight of the primal-dual defense, tuned: see the module doc
-PD_CHROMA_WEIGHT = 0.35  # chroma TV weight (opponent colour space), tuned likewise
-GD_WEIGHT = 0.1  # the paper's regularisation
 
 
 def normalize_map(m: torch.Tensor) -> torch.Tensor:
@@ -179,33 +183,6 @@ def _diff_adjoint(px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
 
 # Orthonormal opponent colour transform (rows: luminance, red-green, yellow-blue). Orthonormal, so the primal-dual
 # step sizes for ||grad o T|| = ||grad|| still hold and T^T is its inverse.
-OPPONENT = np.array([[1 / math.sqrt(3), 1 / math.sqrt(3), 1 / math.sqrt(3)],
-                     [1 / math.sqrt(2), -1 / math.sqrt(2), 0.0],
-                     [1 / math.sqrt(6), 1 / math.sqrt(6), -2 / math.sqrt(6)]], dtype=np.float32)
-
-
-def tv_settings(weight: float | None = None, chroma_weight: float | None = None, solver: str = DEFAULT_SOLVER,
-                color: str | None = None) -> dict:
-    """The TV defense's effective settings, defaults filled in (shared by the torch and numpy versions and by
-    campaign cache keys): "pd" works in the opponent colour space by default (luminance ``weight``, chroma
-    ``chroma_weight``); "gd" (the paper's iteration) works per RGB channel with one ``weight``."""
-    if solver not in ("pd", "gd"):
-        raise ValueError(f"solver must be 'pd' or 'gd', got {solver!r}")
-    color = color or ("opponent" if solver == "pd" else "rgb")
-    if color not in ("opponent", "rgb"):
-        raise ValueError(f"color must be 'opponent' or 'rgb', got {color!r}")
-    if solver == "gd" and (color != "rgb" or chroma_weight is not None):
-        raise ValueError("the gd solver smooths each RGB channel with one weight (color='rgb', no chroma_weight)")
-    if color == "rgb" and chroma_weight is not None:
-        raise ValueError("chroma_weight applies to color='opponent' only")
-    if weight is None:
-        weight = PD_WEIGHT if solver == "pd" else GD_WEIGHT
-    if color == "opponent" and chroma_weight is None:
-        chroma_weight = PD_CHROMA_WEIGHT
-    return {"solver": solver, "color": color, "weight": float(weight),
-            "chroma_weight": None if chroma_weight is None else float(chroma_weight)}
-
-
 def _mix(u: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return torch.einsum("dc,nchw->ndhw", m, u)
 
